@@ -1,0 +1,83 @@
+"""Model registry: our own names, also registered in timm (``timm.create_model('hvt_s_1')`` works).
+
+Each entry point records the model class it builds, so the config layer can tell which JSON keys are
+constructor arguments of the chosen model (``model_arg_names``).
+"""
+import difflib
+import inspect
+from typing import Callable, Dict, List, Type
+
+import torch.nn as nn
+from timm.models import register_model as timm_register_model
+
+_ENTRYPOINTS: Dict[str, Callable[..., nn.Module]] = {}
+_CLASSES: Dict[str, Type[nn.Module]] = {}
+
+# kwargs that timm.create_model passes to every entry point; our constructors do not take them
+_TIMM_FACTORY_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+# kwargs DeiT-style scripts pass to every model; accepted by every entry point, dropped when None/unused
+_COMMON_KWARGS = ('num_classes', 'img_size', 'drop_rate', 'drop_path_rate', 'drop_block_rate')
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def register_model(model_cls: Type[nn.Module]):
+    """Decorator for an entry point ``fn(**kwargs) -> model_cls``: records it here and in timm's registry."""
+
+    def wrap(fn):
+        name = fn.__name__
+
+        def entrypoint(**kwargs):
+            for key in _TIMM_FACTORY_KWARGS:
+                if key == 'pretrained' and kwargs.get(key):
+                    raise ValueError(f'{name}: no hub weights; load a file with models.load_pretrained(model, path)')
+                kwargs.pop(key, None)
+            if kwargs.get('drop_block_rate') is None:
+                kwargs.pop('drop_block_rate', None)
+            return fn(**kwargs)
+
+        entrypoint.__name__ = name
+        entrypoint.__doc__ = fn.__doc__
+        entrypoint.__module__ = fn.__module__
+        _ENTRYPOINTS[name] = entrypoint
+        _CLASSES[name] = model_cls
+        timm_register_model(entrypoint)
+        return entrypoint
+
+    return wrap
+
+
+def list_models() -> List[str]:
+    return sorted(_ENTRYPOINTS)
+
+
+def _check_name(name: str) -> None:
+    if name not in _ENTRYPOINTS:
+        close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+        hint = f'; did you mean {", ".join(close)}?' if close else f'; known models: {", ".join(list_models())}'
+        raise UnknownModelError(f"unknown model '{name}'{hint}")
+
+
+def model_class(name: str) -> Type[nn.Module]:
+    _check_name(name)
+    return _CLASSES[name]
+
+
+def model_arg_names(name: str) -> List[str]:
+    """Constructor arguments a config may set for this model (besides main.py's own options)."""
+    params = inspect.signature(model_class(name).__init__).parameters
+    return [p for p in params if p not in ('self', 'kwargs', 'args')]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model. Keyword arguments go to the model's constructor (None values are dropped)."""
+    _check_name(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    accepted = set(model_arg_names(name))
+    unknown = [k for k in kwargs if k not in accepted and k not in _COMMON_KWARGS]
+    if unknown:
+        raise ValueError(f"model '{name}' does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return _ENTRYPOINTS[name](**kwargs)
