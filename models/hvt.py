@@ -136,7 +136,8 @@ def _resize_grid_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
     return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
 
-def _hvt(num_heads: int, pool_block_width: int, **kwargs) -> HVT:
+def _hvt(kwargs: dict, num_heads: int, pool_block_width: int) -> HVT:
+    """A published HVT variant; any constructor argument in ``kwargs`` (e.g. from a config) overrides it."""
     arch = dict(patch_size=16, num_heads=num_heads, head_dim=64, num_blocks=12, pool_kernel_size=3,
                 pool_block_width=pool_block_width)
     return HVT(**{**arch, **kwargs})
@@ -145,46 +146,46 @@ def _hvt(num_heads: int, pool_block_width: int, **kwargs) -> HVT:
 @register_model(HVT)
 def hvt_model(**kwargs):
     """The configurable HVT of the official configs (``"model": "hvt_model"``); upstream's no-config defaults."""
-    return _hvt(3, 4, **kwargs)
+    return _hvt(kwargs, 3, 4)
 
 
 @register_model(HVT)
 def hvt_ti_1(**kwargs):
     """HVT-Ti-1: 3 heads (192 wide), one pooling after block 0. 5,735,656 params."""
-    return _hvt(3, 12, **kwargs)
+    return _hvt(kwargs, 3, 12)
 
 
 @register_model(HVT)
 def hvt_s_0(**kwargs):
     """HVT-S-0: 6 heads (384 wide), no pooling (196 tokens throughout). 22,049,896 params."""
-    return _hvt(6, 0, **kwargs)
+    return _hvt(kwargs, 6, 0)
 
 
 @register_model(HVT)
 def hvt_s_1(**kwargs):
     """HVT-S-1: pools after block 0. 22,087,144 params."""
-    return _hvt(6, 12, **kwargs)
+    return _hvt(kwargs, 6, 12)
 
 
 @register_model(HVT)
 def hvt_s_2(**kwargs):
     """HVT-S-2: pools after blocks 0 and 6. 22,105,576 params."""
-    return _hvt(6, 6, **kwargs)
+    return _hvt(kwargs, 6, 6)
 
 
 @register_model(HVT)
 def hvt_s_3(**kwargs):
     """HVT-S-3: pools after blocks 0, 4, 8. 22,114,408 params."""
-    return _hvt(6, 4, **kwargs)
+    return _hvt(kwargs, 6, 4)
 
 
 @register_model(HVT)
 def hvt_s_4(**kwargs):
     """HVT-S-4: pools after blocks 0, 3, 6, 9 (196 -> 97 -> 48 -> 23 -> 11 tokens). 22,118,632 params."""
-    return _hvt(6, 3, **kwargs)
+    return _hvt(kwargs, 6, 3)
 
 
 @register_model(HVT)
 def scale_hvt_ti_4(**kwargs):
     """Scale HVT-Ti-4: DeiT-Ti doubled in width with 4 pooling stages; the same network as HVT-S-4."""
-    return _hvt(6, 3, **kwargs)
+    return _hvt(kwargs, 6, 3)

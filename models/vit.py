@@ -69,7 +69,7 @@ class VisionTransformer(nn.Module):
         return state_dict
 
 
-def _deit(embed_dim, num_heads, **kwargs):
+def _deit(kwargs: dict, embed_dim: int, num_heads: int) -> VisionTransformer:
     arch = dict(patch_size=16, embed_dim=embed_dim, depth=12, num_heads=num_heads)
     return VisionTransformer(**{**arch, **kwargs})
 
@@ -77,16 +77,16 @@ def _deit(embed_dim, num_heads, **kwargs):
 @register_model(VisionTransformer)
 def deit_tiny(**kwargs):
     """DeiT-Ti/16: 192 wide, 3 heads, 5,717,416 params at 1000 classes."""
-    return _deit(192, 3, **kwargs)
+    return _deit(kwargs, 192, 3)
 
 
 @register_model(VisionTransformer)
 def deit_small(**kwargs):
     """DeiT-S/16: 384 wide, 6 heads, 22,050,664 params at 1000 classes."""
-    return _deit(384, 6, **kwargs)
+    return _deit(kwargs, 384, 6)
 
 
 @register_model(VisionTransformer)
 def deit_base(**kwargs):
     """DeiT-B/16: 768 wide, 12 heads, 86,567,656 params at 1000 classes."""
-    return _deit(768, 12, **kwargs)
+    return _deit(kwargs, 768, 12)

@@ -1,0 +1,161 @@
+"""Datasets: IMNET (ImageFolder), CIFAR (CIFAR-100 pickles), CIFAR10, DIGITS (embedded), FAKE (synthetic).
+
+``build_dataset(is_train, args) -> (dataset, nb_classes)``. Nothing is downloaded: ImageNet and CIFAR are read from
+``args.data_path``; DIGITS is scikit-learn's 8x8 digits (ships with the package), split once into a fixed, stratified,
+seeded train / held-out pair and upscaled to ``args.input_size``.
+"""
+import os
+import pickle
+from typing import Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from utils import UserError
+
+DATASETS = ('IMNET', 'CIFAR', 'CIFAR10', 'DIGITS', 'FAKE')
+# class counts when the data is not at hand (FLOPs/params reporting, benchmarks); IMNET is read from the folder
+NUM_CLASSES = {'IMNET': 1000, 'CIFAR': 100, 'CIFAR10': 10, 'DIGITS': 10}
+DIGITS_HELD_OUT_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """uint8 HxWx3 images in memory (CIFAR, DIGITS) served as PIL images through a transform."""
+
+    def __init__(self, images: np.ndarray, targets, transform=None):
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+class FakeDataset(torch.utils.data.Dataset):
+    """Synthetic normalised images, a fixed tensor per index (seeded by the index) and label ``index % classes``.
+
+    No decoding or augmentation, so it measures model speed apart from the loader."""
+
+    def __init__(self, size: int, num_classes: int, input_size: int, seed: int = 0):
+        self.size, self.num_classes, self.input_size, self.seed = size, num_classes, input_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randn(3, self.input_size, self.input_size, generator=gen), index % self.num_classes
+
+
+def num_classes_of(args) -> int:
+    """The class count of ``args.data_set`` without reading the data (ImageNet: 1000)."""
+    return args.fake_num_classes if args.data_set == 'FAKE' else NUM_CLASSES[args.data_set]
+
+
+def build_dataset(is_train: bool, args) -> Tuple[torch.utils.data.Dataset, int]:
+    transform = build_transform(is_train, args)
+    name = args.data_set
+    if name == 'IMNET':
+        root = os.path.join(_data_path(args), 'train' if is_train else 'val')
+        if not os.path.isdir(root):
+            raise UserError(f"ImageNet folder '{root}' does not exist; --data-path must hold train/ and val/ "
+                            f"class folders")
+        try:
+            dataset = tv_datasets.ImageFolder(root, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"ImageNet folder '{root}' has no images: {str(e).splitlines()[0]}") from None
+        return dataset, len(dataset.classes)
+    if name in ('CIFAR', 'CIFAR10'):
+        images, targets, num_classes = _read_cifar(_data_path(args), is_train, cifar100=name == 'CIFAR')
+        return ArrayImageDataset(images, targets, transform), num_classes
+    if name == 'DIGITS':
+        images, targets = digits_split(is_train, args.input_size)
+        return ArrayImageDataset(images, targets, transform), 10
+    if name == 'FAKE':
+        size = args.fake_train_size if is_train else args.fake_val_size
+        return FakeDataset(size, args.fake_num_classes, args.input_size, seed=0 if is_train else 1), \
+            args.fake_num_classes
+    raise UserError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
+
+
+def _data_path(args) -> str:
+    if not args.data_path:
+        raise UserError(f'--data-path is required for --data-set {args.data_set}')
+    if not os.path.isdir(args.data_path):
+        raise UserError(f"data path '{args.data_path}' does not exist")
+    if not os.listdir(args.data_path):
+        raise UserError(f"data path '{args.data_path}' is empty")
+    return args.data_path
+
+
+def _read_cifar(root: str, is_train: bool, cifar100: bool):
+    """Read the python-pickle CIFAR files (``cifar-100-python/{train,test}`` or ``cifar-10-batches-py/*``)."""
+    folder, label_key = ('cifar-100-python', b'fine_labels') if cifar100 else ('cifar-10-batches-py', b'labels')
+    base = root if os.path.basename(os.path.normpath(root)) == folder else os.path.join(root, folder)
+    if cifar100:
+        files = ['train' if is_train else 'test']
+    else:
+        files = [f'data_batch_{i}' for i in range(1, 6)] if is_train else ['test_batch']
+    images, targets = [], []
+    for file in files:
+        path = os.path.join(base, file)
+        if not os.path.isfile(path):
+            raise UserError(f"CIFAR file '{path}' not found; --data-path must hold '{folder}/' "
+                            f"(the extracted python version)")
+        try:
+            with open(path, 'rb') as f:
+                entry = pickle.load(f, encoding='bytes')
+            images.append(np.asarray(entry[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            targets.extend(entry[label_key])
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+            raise UserError(f"CIFAR file '{path}' is not a CIFAR python pickle ({type(e).__name__})") from None
+    images = np.concatenate(images).transpose(0, 2, 3, 1)  # N, 32, 32, 3
+    return np.ascontiguousarray(images), targets, 100 if cifar100 else 10
+
+
+def digits_split(is_train: bool, size: int):
+    """scikit-learn digits: a fixed stratified split (75% train, 25% held out, seed 0), upscaled to ``size`` px RGB."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    train_idx, test_idx = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_HELD_OUT_FRACTION,
+                                           stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+    idx = train_idx if is_train else test_idx
+    raw = (digits.images[idx] * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16 -> 0..255
+    images = np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)) for img in raw])
+    return np.repeat(images[..., None], 3, axis=-1), digits.target[idx]
+
+
+def build_transform(is_train: bool, args):
+    """DeiT's transforms through timm. Inputs of 32 px or less are not resized (CIFAR/DIGITS at native size):
+    training then uses a padded random crop, evaluation only normalises."""
+    if args.data_set == 'FAKE':
+        return None
+    resize_im = args.input_size > 32
+    if is_train:
+        transform = create_transform(
+            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=args.aa or None, interpolation=args.train_interpolation, re_prob=args.reprob,
+            re_mode=args.remode, re_count=args.recount)
+        if not resize_im:
+            transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+        return transform
+    steps = []
+    if resize_im:
+        size = int(args.input_size / args.eval_crop_ratio)
+        steps += [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(args.input_size)]
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(steps)

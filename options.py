@@ -1,0 +1,292 @@
+"""Command line + JSON config -> one resolved ``argparse.Namespace``.
+
+Precedence: built-in defaults < JSON config (``--config``) < flags given on the command line. Every option has both
+spellings (``--batch-size`` and ``--batch_size``). A config key is either an option (underscore form) or a constructor
+argument of the chosen model (``patch_size``, ``pool_block_width`` ...); model arguments may also be given on the
+command line (``--pool-block-width 6``). Unknown keys are errors that name the closest valid keys.
+"""
+import argparse
+import difflib
+import json
+import os
+from typing import List, Optional, Tuple
+
+import models
+from utils import UserError
+
+# model constructor arguments that main.py sets itself from its own options
+MANAGED_MODEL_ARGS = {'img_size': 'input_size', 'num_classes': 'data_set', 'drop_rate': 'drop',
+                      'drop_path_rate': 'drop_path'}
+
+
+def _add(parser, name: str, *aliases: str, **kwargs):
+    """Add ``--name-with-dashes`` and ``--name_with_underscores`` (plus aliases) for dest ``name``."""
+    flags = list(dict.fromkeys([f'--{name.replace("_", "-")}', f'--{name}', *aliases]))
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def float_list(text):
+    return [float(v) for v in str(text).replace(',', ' ').split()]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('HVT / PiT / HiViT training and evaluation', add_help=add_help)
+    on_off = argparse.BooleanOptionalAction
+    _add(p, 'config', type=str, default='', help='JSON config: options and model constructor arguments')
+
+    g = p.add_argument_group('run')
+    _add(g, 'batch_size', type=int, default=64, help='images per process per step')
+    _add(g, 'epochs', type=int, default=300)
+    _add(g, 'accum_steps', type=int, default=1, help='gradient accumulation: batches per optimizer step')
+    _add(g, 'output_dir', type=str, default='', help='where checkpoints, log.txt and config.json go; empty = none')
+    _add(g, 'exp_name', type=str, default='', help='HVT compatibility: output_dir defaults to outputs/<exp_name>')
+    _add(g, 'device', type=str, default='cuda' if _cuda_available() else 'cpu')
+    _add(g, 'seed', type=int, default=0)
+    _add(g, 'resume', type=str, default='', help='checkpoint to resume from (full state) or to score with --eval')
+    _add(g, 'auto_resume', action=on_off, default=True, help='resume from output_dir/checkpoint.pth if present')
+    _add(g, 'start_epoch', type=int, default=0)
+    _add(g, 'eval', action='store_true', help='only evaluate (--resume or --finetune weights) and write eval.json')
+    _add(g, 'eval_ema', action='store_true', help='with --eval: score the EMA weights of the checkpoint')
+    _add(g, 'print_freq', type=int, default=10)
+    _add(g, 'max_steps_per_epoch', type=int, default=0, help='cap on training steps per epoch (smoke tests); 0 = all')
+    _add(g, 'amp', type=str, default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+         help='autocast dtype; auto = bf16 on CUDA (fp16 + GradScaler if bf16 is unsupported), none on CPU')
+    _add(g, 'channels_last', action='store_true')
+    _add(g, 'compile', action='store_true', help='torch.compile the model (before DDP)')
+    _add(g, 'deterministic', action='store_true', help='cudnn.benchmark off, deterministic algorithms')
+
+    g = p.add_argument_group('model')
+    _add(g, 'model', type=str, default='deit_small', help=f'one of: {", ".join(models.list_models())}')
+    _add(g, 'input_size', type=int, default=224)
+    _add(g, 'drop', type=float, default=0.0, help='dropout rate')
+    _add(g, 'drop_path', type=float, default=0.1, help='stochastic depth rate')
+    _add(g, 'finetune', type=str, default='', help='initial weights: ours or an upstream layout (head dropped if '
+                                                   'the class count differs, position embeddings resized)')
+    _add(g, 'model_ema', action=on_off, default=False, help='keep an EMA of the weights; evaluated and checkpointed')
+    _add(g, 'model_ema_decay', type=float, default=0.99996)
+    _add(g, 'model_ema_force_cpu', action='store_true')
+
+    g = p.add_argument_group('optimizer and schedule (timm create_optimizer_v2 / create_scheduler_v2)')
+    _add(g, 'opt', type=str, default='adamw')
+    _add(g, 'opt_eps', type=float, default=1e-8)
+    _add(g, 'opt_betas', type=float, nargs='+', default=None)
+    _add(g, 'momentum', type=float, default=0.9)
+    _add(g, 'weight_decay', type=float, default=0.05)
+    _add(g, 'layer_decay', type=float, default=None, help='layer-wise lr decay (needs model.group_matcher)')
+    _add(g, 'clip_grad', type=float, default=None, help='gradient norm clipping; none by default')
+    _add(g, 'sched', type=str, default='cosine')
+    _add(g, 'lr', type=float, default=5e-4, help='base lr for a total batch of 512 (scaled unless --unscale-lr)')
+    _add(g, 'unscale_lr', action='store_true', help='use --lr as given, without batch_size * world_size / 512')
+    _add(g, 'lr_noise', type=float, nargs='+', default=None)
+    _add(g, 'lr_noise_pct', type=float, default=0.67)
+    _add(g, 'lr_noise_std', type=float, default=1.0)
+    _add(g, 'warmup_lr', type=float, default=1e-6)
+    _add(g, 'min_lr', type=float, default=1e-5)
+    _add(g, 'decay_epochs', type=float, default=30)
+    _add(g, 'warmup_epochs', type=int, default=5)
+    _add(g, 'cooldown_epochs', type=int, default=10, help='as in DeiT: training stops at --epochs regardless')
+    _add(g, 'patience_epochs', type=int, default=10)
+    _add(g, 'decay_rate', '--dr', type=float, default=0.1)
+    _add(g, 'sched_on_updates', action='store_true', help='step the lr schedule every update, not every epoch')
+
+    g = p.add_argument_group('augmentation and loss')
+    _add(g, 'color_jitter', type=float, default=0.3)
+    _add(g, 'aa', type=str, default='rand-m9-mstd0.5-inc1', help='RandAugment policy; empty = none')
+    _add(g, 'smoothing', type=float, default=0.1)
+    _add(g, 'train_interpolation', type=str, default='bicubic')
+    _add(g, 'repeated_aug', action=on_off, default=True, help='RASampler (distributed runs only, as DeiT)')
+    _add(g, 'train_mode', action=on_off, default=True, help='--no-train-mode trains with dropout/drop-path off')
+    _add(g, 'reprob', type=float, default=0.25)
+    _add(g, 'remode', type=str, default='pixel')
+    _add(g, 'recount', type=int, default=1)
+    _add(g, 'mixup', type=float, default=0.8)
+    _add(g, 'cutmix', type=float, default=1.0)
+    _add(g, 'cutmix_minmax', type=float, nargs='+', default=None)
+    _add(g, 'mixup_prob', type=float, default=1.0)
+    _add(g, 'mixup_switch_prob', type=float, default=0.5)
+    _add(g, 'mixup_mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
+    _add(g, 'bce_loss', action='store_true', help='binary cross-entropy (DeiT III); needs --smoothing 0')
+
+    g = p.add_argument_group('distillation')
+    _add(g, 'teacher_model', type=str, default='regnety_160', help='our model name or a timm model name')
+    _add(g, 'teacher_path', type=str, default='')
+    _add(g, 'distillation_type', type=str, default='none', choices=['none', 'soft', 'hard'])
+    _add(g, 'distillation_alpha', type=float, default=0.5)
+    _add(g, 'distillation_tau', type=float, default=1.0)
+
+    g = p.add_argument_group('data')
+    _add(g, 'data_set', type=str, default='IMNET', choices=['IMNET', 'CIFAR', 'CIFAR10', 'DIGITS', 'FAKE'])
+    _add(g, 'data_path', type=str, default='')
+    _add(g, 'eval_crop_ratio', type=float, default=0.875)
+    _add(g, 'num_workers', type=int, default=10)
+    _add(g, 'pin_mem', action=on_off, default=True)
+    _add(g, 'persistent_workers', action=on_off, default=True)
+    _add(g, 'prefetch_factor', type=int, default=2)
+    _add(g, 'eval_batch_scale', type=float, default=1.5, help='eval batch = this x --batch-size')
+    _add(g, 'fake_train_size', type=int, default=1280)
+    _add(g, 'fake_val_size', type=int, default=256)
+    _add(g, 'fake_num_classes', type=int, default=1000)
+    _add(g, 'dist_eval', action='store_true', help='accepted for DeiT compatibility: evaluation is always '
+                                                  'distributed and exact')
+
+    g = p.add_argument_group('distributed')
+    _add(g, 'dist_url', type=str, default='env://')
+    _add(g, 'dist_timeout', type=int, default=30, help='minutes')
+    _add(g, 'local_rank', type=int, default=None, help='set by torch.distributed.launch without --use_env')
+    _add(g, 'world_size', type=int, default=1, help='informational; taken from the launcher')
+    return p
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+class _ArgParseError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _ArgParseError(message)
+
+
+def _quiet_parser(suppress_defaults: bool) -> argparse.ArgumentParser:
+    parser = get_args_parser()
+    parser.__class__ = _Parser
+    if suppress_defaults:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+    return parser
+
+
+def option_names() -> List[str]:
+    return [a.dest for a in get_args_parser()._actions if a.dest != 'help']
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Resolve defaults, the JSON config and the command line into one namespace (``args.model_kwargs`` holds the
+    model's constructor arguments). Raises :class:`UserError` with one line on any bad key or value."""
+    try:
+        args, extras = _quiet_parser(False).parse_known_args(argv)
+        explicit, _ = _quiet_parser(True).parse_known_args(argv)
+    except _ArgParseError as e:
+        raise UserError(str(e)) from None
+    explicit = vars(explicit)
+    model_kwargs = {}
+    if args.config:
+        config = load_json_config(args.config)
+        actions = {a.dest: a for a in get_args_parser()._actions}
+        for key, value in config.items():
+            if key in actions and key != 'config':
+                if key not in explicit:
+                    setattr(args, key, _coerce(actions[key], key, value, args.config))
+            else:
+                model_kwargs[key] = value
+    cli_model_kwargs = _parse_extras(extras)
+    model_kwargs.update(cli_model_kwargs)
+    _check_model_kwargs(args.model, model_kwargs, args.config)
+    args.model_kwargs = model_kwargs
+    if not args.output_dir and args.exp_name:
+        args.output_dir = os.path.join('outputs', args.exp_name)
+    _check_values(args)
+    return args
+
+
+def load_json_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}' not found")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+            from None
+    if not isinstance(config, dict):
+        raise UserError(f"config file '{path}' must hold one JSON object, not a {type(config).__name__}")
+    return config
+
+
+def _coerce(action, key, value, source):
+    """Check a JSON value against the option's type and choices."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"'{key}' in {source} must be true or false, got {value!r}")
+        return value
+    try:
+        if action.nargs in ('+', '*'):
+            value = [action.type(v) for v in (value if isinstance(value, list) else [value])]
+        elif action.type is not None:
+            if isinstance(value, (list, dict)) or (action.type in (int, float) and isinstance(value, (str, bool))):
+                raise ValueError
+            if action.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            value = action.type(value)
+    except (TypeError, ValueError):
+        kind = getattr(action.type, '__name__', 'value')
+        raise UserError(f"'{key}' in {source} must be a {kind}, got {value!r}") from None
+    if action.choices and value not in action.choices:
+        raise UserError(f"'{key}' in {source} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def _parse_extras(extras: List[str]) -> dict:
+    """``--key value`` / ``--key=value`` pairs left over by argparse: candidate model arguments (JSON values)."""
+    out, i = {}, 0
+    while i < len(extras):
+        token = extras[i]
+        if not token.startswith('--'):
+            raise UserError(f"unexpected argument '{token}'")
+        key, sep, value = token[2:].partition('=')
+        if not sep:
+            if i + 1 >= len(extras) or extras[i + 1].startswith('--'):
+                raise UserError(f"unknown flag '--{key}'" + _suggest(key.replace('-', '_'), option_names()))
+            value, i = extras[i + 1], i + 1
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out[key.replace('-', '_')] = parsed
+        i += 1
+    return out
+
+
+def _suggest(key: str, candidates: List[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ''
+
+
+def _check_model_kwargs(model: str, model_kwargs: dict, source: str) -> None:
+    try:
+        accepted = [a for a in models.model_arg_names(model) if a not in MANAGED_MODEL_ARGS]
+    except models.UnknownModelError as e:
+        raise UserError(str(e)) from None
+    for key in model_kwargs:
+        if key in MANAGED_MODEL_ARGS:
+            raise UserError(f"'{key}' is set from --{MANAGED_MODEL_ARGS[key].replace('_', '-')}; "
+                            f"remove it from {source or 'the command line'}")
+        if key not in accepted:
+            where = f'in {source}' if source else 'on the command line'
+            raise UserError(f"unknown config key '{key}' {where} (not an option, nor an argument of model "
+                            f"'{model}')" + _suggest(key, option_names() + accepted))
+
+
+def _check_values(args) -> None:
+    if args.batch_size < 1 or args.accum_steps < 1:
+        raise UserError('--batch-size and --accum-steps must be >= 1')
+    if args.bce_loss and args.smoothing > 0:
+        raise UserError('--bce-loss needs --smoothing 0 (with smoothing every BCE target becomes positive)')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UserError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
+    if args.eval_ema and not args.eval:
+        raise UserError('--eval-ema only applies with --eval')
+
+
+def resolved_config(args) -> dict:
+    """What config.json records: every option plus the model's constructor arguments."""
+    skip = {'config', 'model_kwargs', 'rank', 'local_rank', 'distributed', 'gpu'}
+    out = {k: v for k, v in vars(args).items() if k not in skip}
+    out.update(args.model_kwargs)
+    return out

@@ -1,0 +1,271 @@
+"""Distributed helpers, metric logging, seeding, RNG state, atomic checkpoint writes."""
+import datetime
+import json
+import os
+import random
+import subprocess
+import time
+from collections import defaultdict, deque
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """An error the user caused (bad config, data, checkpoint, flags): one line, exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------- distributed
+
+def init_distributed_mode(args) -> None:
+    """Set ``args.rank``, ``args.world_size``, ``args.local_rank``, ``args.distributed`` and init the process group.
+
+    Reads torchrun / ``torch.distributed.launch`` variables (RANK, WORLD_SIZE, LOCAL_RANK) first, then SLURM's
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR from the node list when unset). A single plain process
+    runs undistributed. Backend: nccl for CUDA, gloo otherwise.
+    """
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
+        args.local_rank = int(env.get('LOCAL_RANK', args.local_rank or 0))
+    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        args.local_rank = int(env.get('SLURM_LOCALID', 0))
+        env.setdefault('MASTER_ADDR', _slurm_master_addr())
+        env.setdefault('MASTER_PORT', '29500')
+        env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK'] = str(args.rank), str(args.world_size), str(args.local_rank)
+    else:
+        args.rank, args.world_size, args.local_rank, args.distributed = 0, 1, 0, False
+        return
+    args.distributed = args.world_size > 1
+    if str(args.device).startswith('cuda'):
+        torch.cuda.set_device(args.local_rank)
+        args.device = f'cuda:{args.local_rank}'
+    if not args.distributed:
+        return
+    backend = 'nccl' if str(args.device).startswith('cuda') else 'gloo'
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=args.dist_timeout))
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get('SLURM_JOB_NODELIST') or os.environ.get('SLURM_NODELIST', '127.0.0.1')
+    try:
+        out = subprocess.run(['scontrol', 'show', 'hostnames', nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(',')[0]
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence ``print`` on non-master ranks (``print(..., force=True)`` still prints)."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        if kwargs.pop('force', False) or is_master:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(values: Iterable[float], device) -> list:
+    """Sum a few numbers over all ranks (float64, on ``device`` so nccl works)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------- logging
+
+class SmoothedValue:
+    """A window median and a global average (weighted by ``n``)."""
+
+    def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
+        self.deque = deque(maxlen=window_size)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device) -> None:
+        self.count, self.total = all_reduce_sum([self.count, self.total], device)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter: str = '  '):
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, n: int = 1, **kwargs) -> None:
+        for k, v in kwargs.items():
+            self.meters[k].update(float(v), n=n)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self, device) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq: int, header: str = ''):
+        """Yield from ``iterable``; every ``print_freq`` steps print progress, eta, step and data time, img/s."""
+        total = len(iterable)
+        width = len(str(total))
+        start = end = time.time()
+        step_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            step_time.update(time.time() - end)
+            end = time.time()
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i - 1)))
+                batch = obj[0].shape[0] if isinstance(obj, (tuple, list)) and torch.is_tensor(obj[0]) else 0
+                img_s = batch / max(step_time.median, 1e-9)
+                mem = ''
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    mem = f'  max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB'
+                print(f'{header} [{i:>{width}}/{total}]  eta: {eta}  {self}  time: {step_time.median:.4f}  '
+                      f'data: {data_time.median:.4f}  img/s: {img_s:.1f}{mem}', flush=True)
+        total_time = time.time() - start
+        print(f'{header} Total time: {datetime.timedelta(seconds=int(total_time))} '
+              f'({total_time / max(total, 1):.4f} s / it)', flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- seeding
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive numpy/python seeds from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def get_rng_state() -> dict:
+    """RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'python': _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    random.setstate(_to_tuples(state['python']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ----------------------------------------------------------------------------------------------------------- files
+
+def save_on_master(obj, path: str) -> None:
+    """``torch.save`` atomically (temporary file in the same folder, then ``os.replace``), rank 0 only."""
+    if not is_main_process():
+        return
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str) -> None:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def read_log(path: str) -> list:
+    """The JSON lines of a ``log.txt``."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_log(path: str, last_epoch: int) -> None:
+    """Keep only the log lines of epochs <= ``last_epoch`` (a run killed after logging but before its checkpoint)."""
+    lines = [rec for rec in read_log(path) if rec.get('epoch', -1) <= last_epoch]
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        for rec in lines:
+            f.write(json.dumps(rec) + '\n')
+    os.replace(tmp, path)
+
+
+def append_log(record: dict, path: str) -> None:
+    if is_main_process():
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
