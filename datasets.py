@@ -139,11 +139,14 @@ def digits_split(is_train: bool, size: int):
 
 
 def build_transform(is_train: bool, args):
-    """DeiT's transforms through timm. Inputs of 32 px or less are not resized (CIFAR/DIGITS at native size):
-    training then uses a padded random crop, evaluation only normalises."""
+    """DeiT's transforms through timm. Images already at ``input_size`` (CIFAR at 32 px, DIGITS) are not resized:
+    training then uses a 4-px padded random crop, evaluation only normalises. Otherwise training uses
+    RandomResizedCrop + flip + RandAugment + random erasing, and evaluation resizes to ``input_size / crop_ratio``
+    and centre-crops (CIFAR at 224 takes the 32 -> 256 -> 224 path of HVT's CIFAR-100 recipe)."""
     if args.data_set == 'FAKE':
         return None
-    resize_im = args.input_size > 32
+    native_size = {'CIFAR': 32, 'CIFAR10': 32, 'DIGITS': args.input_size}.get(args.data_set)
+    resize_im = native_size != args.input_size
     if is_train:
         transform = create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,

@@ -225,8 +225,8 @@ def _coerce(action, key, value, source):
                 raise ValueError
             value = action.type(value)
     except (TypeError, ValueError):
-        kind = getattr(action.type, '__name__', 'value')
-        raise UserError(f"'{key}' in {source} must be a {kind}, got {value!r}") from None
+        kind = {int: 'an integer', float: 'a number', str: 'a string'}.get(action.type, 'a valid value')
+        raise UserError(f"'{key}' in {source} must be {kind}, got {value!r}") from None
     if action.choices and value not in action.choices:
         raise UserError(f"'{key}' in {source} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value

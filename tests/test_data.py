@@ -1,0 +1,89 @@
+"""Data sets and samplers."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import options
+from datasets import build_dataset, digits_split
+from samplers import ExactDistributedSampler, RASampler
+from utils import UserError
+
+
+def data_args(**kw):
+    args = options.parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    train_x, train_y = digits_split(True, 16)
+    test_x, test_y = digits_split(False, 16)
+    assert train_x.shape == (1347, 16, 16, 3) and test_x.shape == (450, 16, 16, 3)
+    assert train_x.dtype == np.uint8
+    assert np.array_equal(np.bincount(test_y), np.bincount(digits_split(False, 16)[1]))
+    # stratified: every class is ~25% held out
+    frac = np.bincount(test_y) / (np.bincount(test_y) + np.bincount(train_y))
+    assert np.all(np.abs(frac - 0.25) < 0.02)
+    assert np.array_equal(test_x, digits_split(False, 16)[0])  # same split every time
+
+
+def test_digits_dataset_gives_normalised_tensors():
+    ds, n = build_dataset(False, data_args(data_set='DIGITS', input_size=32))
+    img, target = ds[0]
+    assert n == 10 and len(ds) == 450 and img.shape == (3, 32, 32) and 0 <= target < 10
+
+
+def test_imagenet_folder(fake_imagenet):
+    train, n = build_dataset(True, data_args(data_set='IMNET', data_path=str(fake_imagenet), input_size=32))
+    val, _ = build_dataset(False, data_args(data_set='IMNET', data_path=str(fake_imagenet), input_size=32))
+    assert n == 3 and len(train) == 24 and len(val) == 12
+    assert train[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize('name,classes,n_train,n_test', [('CIFAR', 100, 64, 20), ('CIFAR10', 10, 80, 20)])
+def test_cifar_pickles(fake_cifar, name, classes, n_train, n_test):
+    train, n = build_dataset(True, data_args(data_set=name, data_path=str(fake_cifar), input_size=32))
+    test, _ = build_dataset(False, data_args(data_set=name, data_path=str(fake_cifar), input_size=32))
+    assert n == classes and len(train) == n_train and len(test) == n_test
+    img, _ = test[0]
+    assert img.shape == (3, 32, 32)
+    # upsampled to 224 as HVT's CIFAR-100 recipe does
+    test224, _ = build_dataset(False, data_args(data_set=name, data_path=str(fake_cifar), input_size=64))
+    assert test224[0][0].shape == (3, 64, 64)
+
+
+def test_fake_dataset_is_deterministic():
+    args = data_args(data_set='FAKE', fake_val_size=10, fake_num_classes=7, input_size=24)
+    ds, n = build_dataset(False, args)
+    assert n == 7 and len(ds) == 10 and ds[3][1] == 3
+    assert torch.equal(ds[3][0], build_dataset(False, args)[0][3][0])
+
+
+def test_missing_and_empty_data_paths(tmp_path):
+    with pytest.raises(UserError, match='does not exist'):
+        build_dataset(False, data_args(data_set='IMNET', data_path=str(tmp_path / 'nope')))
+    with pytest.raises(UserError, match='is empty'):
+        build_dataset(False, data_args(data_set='IMNET', data_path=str(tmp_path)))
+    with pytest.raises(UserError, match='required'):
+        build_dataset(False, data_args(data_set='CIFAR', data_path=''))
+
+
+@pytest.mark.parametrize('n,world', [(10, 1), (10, 3), (7, 4), (3, 4)])
+def test_exact_sampler_counts_every_sample_once(n, world):
+    shards = [list(ExactDistributedSampler(range(n), world, r)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    assert [len(ExactDistributedSampler(range(n), world, r)) for r in range(world)] == [len(s) for s in shards]
+
+
+def test_ra_sampler_repeats_across_ranks_and_small_sets():
+    samplers = [RASampler(range(600), num_replicas=3, rank=r) for r in range(3)]
+    for s in samplers:
+        s.set_epoch(0)
+    first = [list(s)[:4] for s in samplers]
+    assert first[0][0] == first[1][0] == first[2][0]   # the 3 copies of an image go to 3 ranks
+    assert len(samplers[0]) == 512 // 3                 # DeiT's cap: floor(600 / 256) * 256 / world
+    small = RASampler(range(50), num_replicas=2, rank=0)
+    assert len(small) == 25 and len(list(small)) == 25  # DeiT's cap would give 0 images
