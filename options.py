@@ -30,7 +30,7 @@ def float_list(text):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('HVT / PiT / HiViT training and evaluation', add_help=add_help)
+    p = argparse.ArgumentParser('HVT / PiT / HiViT training and evaluation', add_help=add_help, allow_abbrev=False)
     on_off = argparse.BooleanOptionalAction
     _add(p, 'config', type=str, default='', help='JSON config: options and model constructor arguments')
 
@@ -184,8 +184,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             else:
                 model_kwargs[key] = value
     cli_model_kwargs = _parse_extras(extras)
-    model_kwargs.update(cli_model_kwargs)
     _check_model_kwargs(args.model, model_kwargs, args.config)
+    _check_model_kwargs(args.model, cli_model_kwargs, '')
+    model_kwargs.update(cli_model_kwargs)
     args.model_kwargs = model_kwargs
     if not args.output_dir and args.exp_name:
         args.output_dir = os.path.join('outputs', args.exp_name)
@@ -268,9 +269,9 @@ def _check_model_kwargs(model: str, model_kwargs: dict, source: str) -> None:
             raise UserError(f"'{key}' is set from --{MANAGED_MODEL_ARGS[key].replace('_', '-')}; "
                             f"remove it from {source or 'the command line'}")
         if key not in accepted:
-            where = f'in {source}' if source else 'on the command line'
-            raise UserError(f"unknown config key '{key}' {where} (not an option, nor an argument of model "
-                            f"'{model}')" + _suggest(key, option_names() + accepted))
+            what = f"config key '{key}' in {source}" if source else f"flag '--{key.replace('_', '-')}'"
+            raise UserError(f"unknown {what} (not an option, nor an argument of model '{model}')"
+                            + _suggest(key, option_names() + accepted))
 
 
 def _check_values(args) -> None:

@@ -33,7 +33,8 @@ def load_checkpoint_file(path: Union[str, pathlib.Path]) -> dict:
     try:
         with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            AttributeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f'cannot read checkpoint {path} (corrupt, truncated or not a PyTorch file): '
                               f'{first_line}') from None

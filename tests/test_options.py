@@ -64,7 +64,7 @@ def test_unknown_key_names_closest(tmp_path):
     with pytest.raises(UserError, match=r"unknown flag '--batch-sise'.*batch_size"):
         options.parse_args(['--batch-sise'])
     # a constructor argument of another model is unknown for this one
-    with pytest.raises(UserError, match="unknown config key 'pool_block_width'"):
+    with pytest.raises(UserError, match="unknown flag '--pool-block-width'"):
         options.parse_args(['--model', 'deit_tiny', '--pool-block-width', '3'])
 
 
