@@ -66,6 +66,9 @@ def run(args) -> int:
     loader_val = build_val_loader(dataset_val, args)
 
     model = build_model(args, nb_classes)
+    if args.distillation_type != 'none' and not args.eval and not hasattr(model, 'head_dist'):
+        raise UserError(f"--distillation-type {args.distillation_type} needs a model with a distillation token "
+                        f"(e.g. pit_s_distilled); '{args.model}' has none")
     if args.finetune:
         try:
             models.load_pretrained(model, args.finetune)
@@ -114,7 +117,7 @@ def run(args) -> int:
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, step_on_epochs=not args.sched_on_updates,
         updates_per_epoch=updates_per_epoch)
     mixup_fn = build_mixup(args, nb_classes)
-    criterion = DistillationLoss(build_base_criterion(args, mixup_fn), build_teacher(args, device),
+    criterion = DistillationLoss(build_base_criterion(args, mixup_fn), build_teacher(args, device, nb_classes),
                                  args.distillation_type, args.distillation_alpha, args.distillation_tau)
 
     state = {'epoch': -1, 'max_accuracy': 0.0, 'best_epoch': -1, 'max_accuracy_ema': 0.0}
@@ -248,27 +251,38 @@ def build_base_criterion(args, mixup_fn):
     return torch.nn.CrossEntropyLoss()
 
 
-def build_teacher(args, device):
-    """The distillation teacher (our model name or a timm name), in eval mode, frozen, on ``device``."""
+def build_teacher(args, device, num_classes: int):
+    """The distillation teacher in eval mode, frozen, on ``device``.
+
+    ``--teacher-path`` written by this framework records its model and constructor arguments, which are used as they
+    are; any other file is loaded into ``--teacher-model`` (our name or a timm name) built for ``num_classes``."""
     if args.distillation_type == 'none':
         return None
     if not args.teacher_path:
         raise UserError('distillation needs --teacher-path (a checkpoint of --teacher-model)')
-    if args.finetune and not args.eval:
+    if args.finetune:
         raise UserError('distillation together with --finetune is not supported (as in DeiT)')
-    import timm
-    nb_classes = build_dataset(False, args)[1]
     try:
-        if args.teacher_model in models.list_models():
-            teacher = models.create_model(args.teacher_model, num_classes=nb_classes, img_size=args.input_size)
-        else:
-            teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"cannot build teacher '{args.teacher_model}': {e}") from None
-    try:
-        models.load_pretrained(teacher, args.teacher_path, drop_mismatched_head=False)
+        ckpt = models.load_checkpoint_file(args.teacher_path)
     except models.CheckpointError as e:
         raise UserError(f'teacher: {e}') from None
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    name, kwargs = args.teacher_model, {}
+    if saved.get('model') in models.list_models():
+        name = saved['model']
+        accepted = set(models.model_arg_names(name)) - set(options.MANAGED_MODEL_ARGS)
+        kwargs = {k: v for k, v in saved.items() if k in accepted}
+        kwargs['img_size'] = saved.get('input_size', args.input_size)
+    try:
+        if name in models.list_models():
+            teacher = models.create_model(name, num_classes=num_classes, **{'img_size': args.input_size, **kwargs})
+        else:
+            import timm
+            teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, log=None)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"teacher '{name}' from {args.teacher_path}: {str(e).splitlines()[0]}") from None
+    print(f'teacher: {name} from {args.teacher_path}')
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -54,7 +54,7 @@ class HVT(nn.Module):
                                                      pool_kernel_size, pool_stride)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, num_blocks).tolist()
+        rates = torch.linspace(0, drop_path_rate, num_blocks, device='cpu').tolist()
         blocks = []
         for i in range(num_blocks):
             pools = pool_block_width > 0 and i % pool_block_width == 0

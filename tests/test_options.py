@@ -88,3 +88,15 @@ def test_resolved_config_is_json_and_complete():
     cfg = options.resolved_config(args)
     json.dumps(cfg)
     assert cfg['model'] == 'hvt_s_2' and cfg['pool_kernel_size'] == 3 and cfg['batch_size'] == 64
+
+
+@pytest.mark.parametrize('path', sorted(str(p) for p in (options.__file__ and __import__('pathlib').Path(
+    options.__file__).parent.glob('config/*.json'))))
+def test_every_shipped_config_resolves_and_builds(path):
+    import torch
+    import main
+    from datasets import num_classes_of
+    args = options.parse_args(['--config', path])
+    with torch.device('meta'):
+        model = main.build_model(args, num_classes_of(args))
+    assert sum(p.numel() for p in model.parameters()) > 0
