@@ -168,3 +168,29 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
     assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
     assert [r['epoch'] for r in read_log(tmp_path)] == [0]
+
+
+UPSTREAM_HVT = ['--model', 'hvt_model', '--input-size', '32', '--patch-size', '4', '--num-heads', '2',
+                '--head-dim', '16', '--num-blocks', '4', '--pool-kernel-size', '3', '--pool-block-width', '2']
+
+
+def test_official_hvt_weights_through_resume_and_finetune(tmp_path):
+    """A state dict in the official HVT layout (tests/data, made by the upstream code) scores with --eval --resume
+    and starts a fine-tune with --finetune."""
+    fixture = REPO / 'tests' / 'data' / 'hvt_upstream_small.pth'
+    res = run_script([*UPSTREAM_HVT, *FAST, *DIGITS, '--eval', '--resume', fixture, '--output_dir', tmp_path / 'ev'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / 'ev' / 'eval.json').read_text())['n_samples'] == 450
+    res = run_script([*UPSTREAM_HVT, *FAST, *DIGITS, '--finetune', fixture, '--epochs', '1',
+                      '--max-steps-per-epoch', '2', '--output_dir', tmp_path / 'ft'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'missing keys: none' in res.stdout and 'unexpected keys: none' in res.stdout
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_on_cpu(amp, tmp_path):
+    res = run_script([*TINY_HVT, *FAST, *DIGITS, '--amp', amp, '--epochs', '1', '--max-steps-per-epoch', '3',
+                      '--accum-steps', '2', '--clip-grad', '1.0', '--output_dir', tmp_path])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    assert (ckpt['scaler'] is not None) == (amp == 'fp16')   # GradScaler only for fp16
