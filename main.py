@@ -38,10 +38,11 @@ def main(argv=None) -> int:
             print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
-        kept = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else 'no output_dir'
+        last = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
+        kept = f'the last good checkpoint is kept ({last})' if last and os.path.isfile(last) else 'no checkpoint yet'
         if utils.is_main_process():
-            print(f'error: training stopped on every rank: {e}; the last good checkpoint is kept ({kept}). '
-                  f'Try a lower --lr, --clip-grad, or --amp bf16/none.', file=sys.stderr, flush=True)
+            print(f'error: training stopped on every rank: {e}; {kept}. Try a lower --lr, --clip-grad, '
+                  f'or --amp bf16/none.', file=sys.stderr, flush=True)
         return 1
     finally:
         utils.cleanup_distributed()
