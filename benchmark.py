@@ -1,0 +1,445 @@
+"""Throughput (img/s) and peak memory of a config's model, inference or training, with every condition recorded.
+
+    python benchmark.py --config config/deit-s.json --mode infer --batch-size 32 --threads 2 --json
+    python benchmark.py --config config/deit-s.json --vs timm:deit_small_patch16_224     # same process, interleaved
+    python benchmark.py --config config/hvt-s-1.json --vs config/deit-s.json             # two of our configs
+    python benchmark.py --all --iters 3 --repeats 3 --plot speed.png                     # every config; GMACs vs img/s
+
+Method: build the model exactly as training does (``options.parse_args`` + ``main.build_model``, random init), put it
+on the device (``--channels-last``, ``--compile`` optional), run ``--warmup`` iterations, then ``--repeats`` timed runs
+of ``--iters`` iterations each on one synthetic batch; img/s of a run = batch x iters / wall time, with
+``torch.cuda.synchronize`` before and after each run on CUDA. Inference runs under ``torch.inference_mode()`` in eval
+mode; training times forward + cross-entropy + backward + AdamW step in train mode (drop path as configured).
+``--amp bf16|fp16`` runs the forward under ``torch.autocast`` (fp16 training adds a GradScaler).
+
+The median, min and max over the runs are reported. On CPU every iteration's wall and process CPU time are also
+recorded: an iteration in which CPU time / wall time < ``--clean-ratio`` x threads did not have all its cores (other
+processes were running) and is left out of the "clean" figure (shared/reference/pit.md section 4). With ``--vs`` the
+two models alternate run by run (ours, theirs, ours, theirs ...) so both see the same machine state, and the ratio
+ours / theirs is reported per run (median) and on the clean iterations.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import UserError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(REPO, 'config')
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
+
+
+# ---------------------------------------------------------------------------------------------------------- conditions
+
+def cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if device.type == 'cpu':
+        return f'{cpu_name()} ({os.cpu_count()} logical CPUs)'
+    return str(device)
+
+
+def conditions(args, device: torch.device) -> dict:
+    import timm
+    return dict(mode=args.mode, device=str(device), device_name=device_name(device), dtype='float32',
+                amp=args.amp, batch_size=args.batch_size, input_size=args.input_size_used,
+                threads=torch.get_num_threads(), channels_last=args.channels_last, compile=args.compile,
+                warmup=args.warmup, iters=args.iters, repeats=args.repeats, torch=torch.__version__,
+                timm=timm.__version__, python=platform.python_version(), platform=platform.platform(),
+                cuda=torch.version.cuda if device.type == 'cuda' else None)
+
+
+# -------------------------------------------------------------------------------------------------------------- models
+
+def build_ours(config_path: str, input_size: Optional[int]):
+    """(name, model, num_classes, input_size, resolved args) of a config, built as main.py builds it."""
+    import flops
+    if not os.path.isfile(config_path):
+        raise UserError(f"config file '{config_path}' not found")
+    args, model = flops.build(config_path, input_size)
+    return args.model, model, getattr(model, 'num_classes', 1000), args.input_size, args
+
+
+def build_timm(name: str, input_size: int, num_classes: int, **kwargs) -> nn.Module:
+    """A timm model with random init at our class count (plus ``kwargs``, e.g. the config's drop path);
+    ``img_size`` is passed only when it differs from the model's default resolution."""
+    import timm
+    if name not in timm.list_models():
+        raise UserError(f"unknown timm model '{name}'; see timm.list_models()")
+    kwargs = dict(num_classes=num_classes, **kwargs)
+    default = timm.get_pretrained_cfg(name)
+    default_size = default.input_size[-1] if default is not None else None
+    if default_size != input_size:
+        kwargs['img_size'] = input_size
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise UserError(f"timm model '{name}' cannot be built at {input_size} px ({e}); use --input-size "
+                        f"{default_size}") from None
+
+
+def build_vs(spec: str, input_size: int, num_classes: int, drop_rate: float = 0., drop_path_rate: float = 0.):
+    """``timm:NAME`` or a config path (``config:PATH`` or ``*.json``) -> (label, model). A timm model gets our
+    config's dropout and drop-path rates, so training runs compare like with like."""
+    if spec.startswith('timm:'):
+        return spec, build_timm(spec[len('timm:'):], input_size, num_classes, drop_rate=drop_rate,
+                                drop_path_rate=drop_path_rate)
+    path = spec[len('config:'):] if spec.startswith('config:') else spec
+    if not path.endswith('.json'):
+        raise UserError(f"--vs takes timm:NAME or a config path (*.json), got '{spec}'")
+    name, model, _, _, _ = build_ours(path, input_size)
+    return f'{name} ({path})', model
+
+
+# -------------------------------------------------------------------------------------------------------------- timing
+
+class Runner:
+    """One model set up for one mode on one device; ``step()`` runs one iteration on a fixed synthetic batch."""
+
+    def __init__(self, label: str, model: nn.Module, args, device: torch.device, num_classes: int):
+        self.label = label
+        self.params = sum(p.numel() for p in model.parameters())
+        self.device = device
+        self.train = args.mode == 'train'
+        self.amp_dtype = AMP_DTYPES[args.amp]
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        model = model.to(device=device, memory_format=memory_format)
+        model.train(self.train)
+        gen = torch.Generator().manual_seed(0)
+        size = args.input_size_used
+        self.x = torch.randn(args.batch_size, 3, size, size, generator=gen).to(device, memory_format=memory_format)
+        self.y = torch.randint(0, max(1, num_classes), (args.batch_size,), generator=gen).to(device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if self.train else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.train and args.amp == 'fp16' else None
+        self.model = torch.compile(model) if args.compile else model
+        self.peak_memory_mb = 0.0
+
+    def static_bytes(self) -> int:
+        """Bytes this runner keeps between steps: weights, gradients, optimizer state, the batch."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [self.x, self.y]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.optimizer is not None:
+            tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def step(self) -> None:
+        if not self.train:
+            with torch.inference_mode(), self._autocast():
+                self.model(self.x)
+            return
+        with self._autocast():
+            out = self.model(self.x)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            loss = sum(F.cross_entropy(o.float(), self.y) for o in outs)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed_run(runner: Runner, iters: int) -> dict:
+    """One timed run: total wall seconds, and per-iteration wall and process-CPU seconds on CPU."""
+    device = runner.device
+    per_iter = device.type == 'cpu'
+    walls, cpus = [], []
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        if per_iter:
+            t, c = time.perf_counter(), time.process_time()
+        runner.step()
+        if per_iter:
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+    _sync(device)
+    wall = time.perf_counter() - start
+    if device.type == 'cuda':
+        # this model's own peak: what the run allocated on top of everything resident (other models in --vs
+        # included), plus what this model keeps resident itself
+        peak = torch.cuda.max_memory_allocated(device) - before + runner.static_bytes()
+        runner.peak_memory_mb = max(runner.peak_memory_mb, peak / 2 ** 20)
+    return dict(wall=wall, iter_wall=walls, iter_cpu=cpus)
+
+
+def summarize(runs: List[dict], batch: int, iters: int, threads: int, clean_ratio: float) -> dict:
+    rates = [batch * iters / r['wall'] for r in runs]
+    out = dict(img_per_s=dict(median=statistics.median(rates), min=min(rates), max=max(rates), per_repeat=rates))
+    walls = [w for r in runs for w in r['iter_wall']]
+    cpus = [c for r in runs for c in r['iter_cpu']]
+    if walls:
+        threshold = clean_ratio * threads
+        kept = [w for w, c in zip(walls, cpus) if c / w >= threshold]
+        out['clean'] = dict(min_cpu_wall_ratio=round(threshold, 3), iters_kept=len(kept), iters_total=len(walls),
+                            cpu_wall_ratio_median=statistics.median(c / w for w, c in zip(walls, cpus)),
+                            img_per_s_median=batch / statistics.median(kept) if kept else None)
+    else:
+        out['clean'] = None
+    return out
+
+
+def measure(runners: List[Runner], args) -> List[dict]:
+    """Warm every runner up, then alternate timed runs (r1, r2, r1, r2 ...); one summary per runner."""
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.step()
+        _sync(runner.device)
+    runs = [[] for _ in runners]
+    for _ in range(args.repeats):
+        for i, runner in enumerate(runners):
+            runs[i].append(timed_run(runner, args.iters))
+    threads = torch.get_num_threads()
+    out = []
+    for runner, r in zip(runners, runs):
+        s = summarize(r, args.batch_size, args.iters, threads, args.clean_ratio)
+        s.update(model=runner.label, params=runner.params)
+        if runner.device.type == 'cuda':
+            s.update(peak_memory_mb=round(runner.peak_memory_mb, 1), peak_memory_kind='cuda_max_memory_allocated')
+        out.append(s)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10
+
+
+# ---------------------------------------------------------------------------------------------------------- benchmarks
+
+def benchmark(config_path: str, args, device: torch.device) -> dict:
+    name, model, num_classes, input_size, cfg = build_ours(config_path, args.input_size)
+    args.input_size_used = input_size
+    runners = [Runner(name, model, args, device, num_classes)]
+    if args.vs:
+        label, vs_model = build_vs(args.vs, input_size, num_classes, cfg.drop, cfg.drop_path)
+        runners.append(Runner(label, vs_model, args, device, num_classes))
+    results = measure(runners, args)
+    ours = results[0]
+    out = dict(config=os.path.splitext(os.path.basename(config_path))[0], config_path=config_path, **ours,
+               **conditions(args, device))
+    if device.type == 'cpu':
+        out.update(peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind='cpu_peak_rss_process')
+    if args.vs:
+        vs = results[1]
+        ratios = [a / b for a, b in zip(ours['img_per_s']['per_repeat'], vs['img_per_s']['per_repeat'])]
+        clean_ratio = None
+        if ours.get('clean') and vs.get('clean') and ours['clean']['img_per_s_median'] and \
+                vs['clean']['img_per_s_median']:
+            clean_ratio = ours['clean']['img_per_s_median'] / vs['clean']['img_per_s_median']
+        vs.update(name=args.vs, ratio=statistics.median(ratios), ratios=ratios, clean_ratio=clean_ratio)
+        out['vs'] = vs
+    return out
+
+
+def _fmt_rate(s: dict) -> str:
+    r = s['img_per_s']
+    text = f"median {r['median']:.1f} img/s (min {r['min']:.1f}, max {r['max']:.1f})"
+    c = s.get('clean')
+    if c:
+        clean = f"{c['img_per_s_median']:.1f} img/s" if c['img_per_s_median'] else 'none'
+        text += (f"; clean iterations (cpu/wall >= {c['min_cpu_wall_ratio']:g}) {c['iters_kept']}/{c['iters_total']}:"
+                 f" {clean}; median cpu/wall {c['cpu_wall_ratio_median']:.2f}")
+    return text
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['config']}: {r['model']}, {r['mode']}, {r['device']} ({r['device_name']}), batch {r['batch_size']}, "
+             f"3x{r['input_size']}x{r['input_size']}, fp32 + amp {r['amp']}, threads {r['threads']}, channels_last "
+             f"{r['channels_last']}, compile {r['compile']}, warmup {r['warmup']}, {r['repeats']} x {r['iters']} iters,"
+             f" torch {r['torch']}, timm {r['timm']}",
+             f"  ours  {r['model']}: {_fmt_rate(r)}"]
+    if 'vs' in r:
+        v = r['vs']
+        lines.append(f"  vs    {v['name']}: {_fmt_rate(v)}")
+        clean = f", clean {v['clean_ratio']:.3f}" if v.get('clean_ratio') else ''
+        per_run = ', '.join(f'{x:.3f}' for x in v['ratios'])
+        lines.append(f"  ratio ours / vs: median {v['ratio']:.3f} (per run {per_run}){clean}")
+    mem = r.get('peak_memory_mb')
+    if mem is not None:
+        kind = 'CUDA max_memory_allocated' if r['peak_memory_kind'].startswith('cuda') else 'peak RSS of the process'
+        lines.append(f"  peak memory {mem:.0f} MiB ({kind})"
+                     + (f", vs {r['vs']['peak_memory_mb']:.0f} MiB" if 'vs' in r and r['vs'].get('peak_memory_mb')
+                        else ''))
+    return '\n'.join(lines)
+
+
+def _family(config: str) -> str:
+    name = config.split('-')[0]
+    return 'hvt' if name == 'scale' else name
+
+
+def plot(results: List[dict], path: str, input_size: Optional[int]) -> None:
+    """GMACs (flops.py, fvcore convention, of the model measured) against median img/s, log-log, one labelled point
+    per model, one colour per family."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import flops
+    fig, ax = plt.subplots(figsize=(8, 6))
+    colours = {}
+    for i, r in enumerate(results):
+        if 'error' in r:
+            continue
+        _, model = flops.build(r['config_path'], input_size)
+        gmacs = flops.count_macs(model, r['input_size'], 'fvcore')[0] / 1e9
+        rate = r['img_per_s']['median']
+        family = _family(r['config'])
+        first = family not in colours
+        colour = colours.setdefault(family, f'C{len(colours)}')
+        ax.scatter(gmacs, rate, color=colour, label=family if first else None)
+        label = r['config'] + (f" ({r['input_size']} px)" if input_size is None and r['input_size'] != 224 else '')
+        ax.annotate(label, (gmacs, rate), textcoords='offset points', xytext=(4, 4 if i % 2 else -10), fontsize=7,
+                    color=colour)
+    ok = [r for r in results if 'error' not in r]
+    if ok:
+        r = ok[0]
+        ax.set_title(f"{r['mode']}, {r['device_name'][:40]}, batch {r['batch_size']}, fp32 + amp {r['amp']}, "
+                     f"threads {r['threads']}, torch {r.get('torch', '?')}", fontsize=8)
+        ax.legend(fontsize=8)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('GMACs per image (flops.py, fvcore convention, model as measured)')
+    ax.set_ylabel('img/s (median of runs)')
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------- CLI
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = _Parser(description='Inference / training throughput of a config (or all), with its conditions.')
+    what = p.add_mutually_exclusive_group()
+    what.add_argument('--config', help='JSON config')
+    what.add_argument('--all', action='store_true', help='every config in --config-dir')
+    p.add_argument('--config-dir', '--config_dir', default=CONFIG_DIR)
+    p.add_argument('--mode', default='infer', help='infer | train')
+    p.add_argument('--batch-size', '--batch_size', type=int, default=None, help='default: 32 on CPU, 128 on CUDA')
+    p.add_argument('--input-size', '--input_size', type=int, default=None, help="default: the config's")
+    p.add_argument('--amp', default='none', help='bf16 | fp16 | none (autocast dtype)')
+    p.add_argument('--channels-last', '--channels_last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model(s); warm-up includes compiling')
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed iterations per model')
+    p.add_argument('--iters', type=int, default=10, help='iterations per timed run')
+    p.add_argument('--repeats', type=int, default=5, help='timed runs per model')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU intra-op threads)')
+    p.add_argument('--clean-ratio', '--clean_ratio', type=float, default=0.9,
+                   help='CPU: an iteration is clean when CPU time / wall >= this x threads')
+    p.add_argument('--vs', default=None, help='timm:NAME or a config path, measured interleaved with ours')
+    p.add_argument('--plot', default=None, help='PNG: GMACs against img/s, one labelled point per model')
+    p.add_argument('--json', action='store_true', help='JSON: one object (--config) or a list (--all)')
+    return p
+
+
+def _check(args) -> torch.device:
+    if not args.all and not args.config:
+        raise UserError('give --config PATH or --all')
+    if args.mode not in ('infer', 'train'):
+        raise UserError(f"--mode must be infer or train, got '{args.mode}'")
+    if args.amp not in AMP_DTYPES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got '{args.amp}'")
+    for name in ('iters', 'repeats'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name} must be >= 1')
+    if args.warmup < 0:
+        raise UserError('--warmup must be >= 0')
+    if args.vs and args.all:
+        raise UserError('--vs compares one config; drop --all or --vs')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device} given but CUDA is not available; use --device cpu')
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError('--threads must be >= 1')
+        torch.set_num_threads(args.threads)
+    if args.batch_size is None:
+        args.batch_size = 128 if device.type == 'cuda' else 32
+    if args.batch_size < 1:
+        raise UserError('--batch-size must be >= 1')
+    return device
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = get_parser().parse_args(argv)
+        device = _check(args)
+        if args.all:
+            import flops
+            results = []
+            for path in flops.all_configs(args.config_dir):
+                try:
+                    results.append(benchmark(path, args, device))
+                except UserError as e:
+                    results.append(dict(config=os.path.splitext(os.path.basename(path))[0], config_path=path,
+                                        error=str(e)))
+                r = results[-1]
+                text = format_result(r) if 'error' not in r else f"{r['config']}: error: {r['error']}"
+                # with --json, stdout holds only the JSON list; progress goes to stderr
+                print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+        else:
+            results = [benchmark(args.config, args, device)]
+            if not args.json:
+                print(format_result(results[0]))
+        if args.plot:
+            plot(results, args.plot, args.input_size)
+            if not args.json:
+                print(f'plot written to {args.plot}')
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f'error: out of memory at batch {args.batch_size} ({str(e).splitlines()[0]}); lower --batch-size',
+              file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results if args.all else results[0], indent=1))
+    return 0 if not any('error' in r for r in results) else 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

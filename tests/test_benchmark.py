@@ -1,0 +1,155 @@
+"""benchmark.py: the JSON record of a run (throughput, memory, every condition), train steps that really train, the
+interleaved --vs comparison, the clean-iteration filter and the plot. No wall-clock limits are asserted."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+
+from conftest import run_script
+
+import benchmark
+import models
+
+SMALL = ['--batch-size', '2', '--iters', '2', '--warmup', '1', '--repeats', '2', '--json', '--input-size', '64']
+CONDITIONS = ['mode', 'device', 'device_name', 'dtype', 'amp', 'batch_size', 'input_size', 'threads', 'channels_last',
+              'compile', 'warmup', 'iters', 'repeats', 'torch', 'timm', 'python']
+
+
+def _check_rate(stats: dict, repeats: int):
+    r = stats['img_per_s']
+    assert len(r['per_repeat']) == repeats
+    assert all(v > 0 for v in r['per_repeat'])
+    assert r['min'] <= r['median'] <= r['max']
+    assert r['min'] == min(r['per_repeat']) and r['max'] == max(r['per_repeat'])
+
+
+@pytest.mark.parametrize('mode', ['infer', 'train'])
+def test_single_config_json(mode):
+    result = run_script(['--config', 'config/hvt-ti-1.json', '--mode', mode, *SMALL], script='benchmark.py')
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert set(CONDITIONS) <= set(out)
+    assert out['config'] == 'hvt-ti-1' and out['model'] == 'hvt_ti_1' and out['mode'] == mode
+    assert (out['batch_size'], out['input_size'], out['iters'], out['repeats'], out['warmup']) == (2, 64, 2, 2, 1)
+    assert out['device'] == 'cpu' and out['device_name'] and out['dtype'] == 'float32' and out['amp'] == 'none'
+    assert out['threads'] == 1  # conftest's runner sets OMP_NUM_THREADS=1
+    assert out['channels_last'] is False and out['compile'] is False
+    assert out['torch'] == torch.__version__ and out['timm'] == timm.__version__
+    assert out['params'] == sum(p.numel() for p in models.create_model('hvt_ti_1', img_size=64).parameters())
+    _check_rate(out, 2)
+    assert out['peak_memory_kind'] == 'cpu_peak_rss_process' and out['peak_memory_mb'] > 0
+    clean = out['clean']
+    assert clean['iters_total'] == 4 and 0 <= clean['iters_kept'] <= 4 and clean['min_cpu_wall_ratio'] == 0.9
+    assert 'vs' not in out
+
+
+def test_vs_timm_reports_a_ratio():
+    result = run_script(['--config', 'config/deit-ti.json', '--vs', 'timm:deit_tiny_patch16_224', *SMALL],
+                        script='benchmark.py')
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    vs = out['vs']
+    assert vs['name'] == 'timm:deit_tiny_patch16_224'
+    # the same architecture at the same resolution and class count: identical parameter counts
+    assert vs['params'] == out['params'] == 5_682_856
+    _check_rate(vs, 2)
+    assert len(vs['ratios']) == 2
+    for ours, theirs, ratio in zip(out['img_per_s']['per_repeat'], vs['img_per_s']['per_repeat'], vs['ratios']):
+        assert ratio == pytest.approx(ours / theirs)
+    assert vs['ratio'] > 0 and vs['ratio'] == pytest.approx(sorted(vs['ratios'])[0] / 2 + sorted(vs['ratios'])[1] / 2)
+
+
+def _runner(mode, model=None, **kw):
+    args = SimpleNamespace(mode=mode, amp='none', channels_last=False, compile=False, batch_size=2,
+                           input_size_used=32, **kw)
+    model = model or models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8,
+                                         num_blocks=2, pool_block_width=1)
+    return benchmark.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000)
+
+
+def test_train_step_updates_weights_with_adamw():
+    runner = _runner('train')
+    assert runner.model.training
+    before = [p.detach().clone() for p in runner.model.parameters()]
+    runner.step()
+    assert isinstance(runner.optimizer, torch.optim.AdamW)
+    assert all('exp_avg' in runner.optimizer.state[p] for p in runner.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, runner.model.parameters()))
+
+
+def test_infer_step_does_not_touch_weights():
+    runner = _runner('infer')
+    assert not runner.model.training and runner.optimizer is None
+    before = [p.detach().clone() for p in runner.model.parameters()]
+    runner.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.model.parameters()))
+
+
+def test_train_step_accepts_tuple_outputs():
+    """Distilled models return (cls, dist) logits in training; both get a loss."""
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3 * 32 * 32, 1000), torch.nn.Linear(3 * 32 * 32, 1000)
+
+        def forward(self, x):
+            return self.a(x.flatten(1)), self.b(x.flatten(1))
+
+    runner = _runner('train', TwoHeads())
+    before = runner.model.b.weight.detach().clone()
+    runner.step()
+    assert runner.optimizer.state[runner.model.a.weight] and runner.optimizer.state[runner.model.b.weight]
+    assert runner.model.b.weight.grad is not None and runner.model.b.weight.grad.abs().sum() > 0
+    assert not torch.equal(before, runner.model.b.weight)
+
+
+def test_clean_filter_keeps_iterations_with_all_cores():
+    runs = [dict(wall=3.0, iter_wall=[1.0, 1.0, 1.0], iter_cpu=[2.0, 1.0, 1.9]),
+            dict(wall=2.0, iter_wall=[0.5, 1.5], iter_cpu=[0.95, 1.5])]
+    s = benchmark.summarize(runs, batch=4, iters=3, threads=2, clean_ratio=0.9)
+    assert s['img_per_s']['per_repeat'] == [4.0, 6.0]
+    assert s['clean']['min_cpu_wall_ratio'] == 1.8
+    assert (s['clean']['iters_kept'], s['clean']['iters_total']) == (3, 5)  # 2.0/1, 1.9/1, 0.95/0.5
+    assert s['clean']['img_per_s_median'] == pytest.approx(4 / 1.0)
+    cuda_like = benchmark.summarize([dict(wall=1.0, iter_wall=[], iter_cpu=[])], 8, 2, 1, 0.9)
+    assert cuda_like['clean'] is None and cuda_like['img_per_s']['median'] == 16.0
+
+
+def test_measure_interleaves_runs(monkeypatch):
+    order = []
+    monkeypatch.setattr(benchmark, 'timed_run', lambda runner, iters: order.append(runner.label) or
+                        dict(wall=1.0, iter_wall=[1.0], iter_cpu=[1.0]))
+    a, b = _runner('infer'), _runner('infer')
+    a.label, b.label = 'ours', 'theirs'
+    args = SimpleNamespace(warmup=0, repeats=3, iters=1, batch_size=2, clean_ratio=0.9)
+    results = benchmark.measure([a, b], args)
+    assert order == ['ours', 'theirs'] * 3
+    assert [r['model'] for r in results] == ['ours', 'theirs']
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip('matplotlib')
+    results = [dict(config='hvt-ti-1', config_path='config/hvt-ti-1.json', input_size=64, mode='infer',
+                    device_name='cpu', batch_size=2, amp='none', threads=1, img_per_s=dict(median=10.0))]
+    path = tmp_path / 'speed.png'
+    benchmark.plot(results, str(path), 64)
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['--config', 'config/hvt-ti-1.json', '--mode', 'fly'], '--mode must be infer or train'),
+    (['--config', 'config/hvt-ti-1.json', '--amp', 'fp8'], '--amp must be one of'),
+    (['--config', 'config/hvt-ti-1.json', '--vs', 'deit_small'], '--vs takes timm:NAME'),
+    (['--config', 'config/hvt-ti-1.json', '--vs', 'timm:no_such_model_xyz'], "unknown timm model"),
+    (['--config', 'config/missing.json'], "config file 'config/missing.json' not found"),
+    (['--config', 'config/hvt-ti-1.json', '--iters', '0'], '--iters must be >= 1'),
+    ([], 'give --config PATH or --all'),
+])
+def test_user_errors_are_one_line(capsys, argv, needle):
+    code = benchmark.main([*argv, '--warmup', '0', '--iters' if '--iters' not in argv else '--repeats', '1',
+                           '--batch-size', '1', '--input-size', '32'])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ''
+    assert err.startswith('error: ') and needle in err and len(err.strip().splitlines()) == 1
