@@ -172,7 +172,9 @@ def run(args) -> int:
                 utils.save_on_master(ckpt, os.path.join(output_dir, 'best_checkpoint_ema.pth'))
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
-    print(f"Final top-1: {state['max_accuracy']:.2f}% (best, epoch {state['best_epoch']})")
+    if args.epochs > start_epoch:
+        print(f"Final top-1: {test_stats['acc1']:.2f}% (best {state['max_accuracy']:.2f}% at epoch "
+              f"{state['best_epoch']})")
     return 0
 
 
