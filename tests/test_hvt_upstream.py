@@ -1,6 +1,6 @@
 """Official-layout HVT weights load into our ``hvt_model`` and reproduce the upstream model's outputs.
 
-Fixture ``tests/data/hvt_upstream_small.pth`` was produced outside this repo by running the unmodified upstream
+Fixture ``tests/data/hvt_upstream_small.pt`` was produced outside this repo by running the unmodified upstream
 ``models.py`` + ``params.py`` of ziplab/HVT (same history as MonashAI/HVT) at commit
 ae5286e4253e85b1c4ad30eeb42a98935863ed08, with torch 2.14.1+cu130 and timm 1.0.31 on CPU (timm only warns that
 ``timm.models.layers`` / ``timm.models.registry`` are deprecated). Upstream reads its settings from ``sys.argv``:
@@ -24,7 +24,7 @@ import torch
 
 import models
 
-FIXTURE = pathlib.Path(__file__).parent / 'data' / 'hvt_upstream_small.pth'
+FIXTURE = pathlib.Path(__file__).parent / 'data' / 'hvt_upstream_small.pt'
 MODEL_KWARGS = dict(patch_size=4, num_heads=2, head_dim=16, num_blocks=4, pool_kernel_size=3, pool_block_width=2,
                     num_classes=10)
 

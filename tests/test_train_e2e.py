@@ -177,7 +177,7 @@ UPSTREAM_HVT = ['--model', 'hvt_model', '--input-size', '32', '--patch-size', '4
 def test_official_hvt_weights_through_resume_and_finetune(tmp_path):
     """A state dict in the official HVT layout (tests/data, made by the upstream code) scores with --eval --resume
     and starts a fine-tune with --finetune."""
-    fixture = REPO / 'tests' / 'data' / 'hvt_upstream_small.pth'
+    fixture = REPO / 'tests' / 'data' / 'hvt_upstream_small.pt'
     res = run_script([*UPSTREAM_HVT, *FAST, *DIGITS, '--eval', '--resume', fixture, '--output_dir', tmp_path / 'ev'])
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / 'ev' / 'eval.json').read_text())['n_samples'] == 450
