@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+import timm
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data import Mixup
@@ -280,7 +281,6 @@ def build_teacher(args, device, num_classes: int):
         if name in models.list_models():
             teacher = models.create_model(name, num_classes=num_classes, **{'img_size': args.input_size, **kwargs})
         else:
-            import timm
             teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
         models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, log=None)
     except (ValueError, RuntimeError) as e:

@@ -25,10 +25,6 @@ def _add(parser, name: str, *aliases: str, **kwargs):
     parser.add_argument(*flags, dest=name, **kwargs)
 
 
-def float_list(text):
-    return [float(v) for v in str(text).replace(',', ' ').split()]
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('HVT / PiT / HiViT training and evaluation', add_help=add_help, allow_abbrev=False)
     on_off = argparse.BooleanOptionalAction

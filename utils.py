@@ -144,9 +144,6 @@ class MetricLogger:
         for k, v in kwargs.items():
             self.meters[k].update(float(v), n=n)
 
-    def add_meter(self, name: str, meter: SmoothedValue) -> None:
-        self.meters[name] = meter
-
     def synchronize_between_processes(self, device) -> None:
         for meter in self.meters.values():
             meter.synchronize_between_processes(device)

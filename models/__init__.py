@@ -4,9 +4,7 @@ Every model is also registered in timm under the same (project-unique) name.
 """
 from .convert import CheckpointError, load_checkpoint_file, extract_state_dict, load_pretrained
 from .registry import UnknownModelError, create_model, list_models, model_arg_names, model_class
-from . import vit, hvt  # noqa: F401  (registers the models)
-from . import hivit  # noqa: F401
-from . import pit  # noqa: F401
+from . import vit, hvt, pit, hivit  # noqa: F401  (registers the models)
 
 __all__ = ['create_model', 'list_models', 'load_pretrained', 'model_arg_names', 'model_class',
            'load_checkpoint_file', 'extract_state_dict', 'CheckpointError', 'UnknownModelError']
