@@ -56,6 +56,15 @@ def test_official_hvt_config_runs_unchanged(tmp_path):
     assert args.model_kwargs['pool_block_width'] == 4 and args.model_kwargs['num_heads'] == 3
 
 
+def test_official_hvt_config_builds_the_published_model(tmp_path):
+    import torch
+    import main
+    args = options.parse_args(['--config', write(tmp_path, OFFICIAL_HVT_S_2)])
+    with torch.device('meta'):
+        model = main.build_model(args, 1000)
+    assert sum(p.numel() for p in model.parameters()) == 22_105_576   # HVT-S-2
+
+
 def test_unknown_key_names_closest(tmp_path):
     with pytest.raises(UserError, match=r"unknown config key 'batch_sise'.*did you mean batch_size"):
         options.parse_args(['--config', write(tmp_path, {'batch_sise': 3})])
