@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(REPO, 'config')
@@ -346,13 +346,8 @@ def plot(results: List[dict], path: str, input_size: Optional[int]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)
-
-
 def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(description='Inference / training throughput of a config (or all), with its conditions.')
+    p = ArgumentParser(description='Inference / training throughput of a config (or all), with its conditions.')
     what = p.add_mutually_exclusive_group()
     what.add_argument('--config', help='JSON config')
     what.add_argument('--all', action='store_true', help='every config in --config-dir')

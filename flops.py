@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(REPO, 'config')
@@ -541,13 +541,8 @@ def format_detail(d: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)
-
-
 def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(description='Parameters and GMACs (fvcore convention: MACs) of a config, or of every config '
+    p = ArgumentParser(description='Parameters and GMACs (fvcore convention: MACs) of a config, or of every config '
                             'beside the published numbers.')
     what = p.add_mutually_exclusive_group()
     what.add_argument('--config', help='JSON config (model, input_size, data_set ...)')

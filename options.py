@@ -12,7 +12,7 @@ import os
 from typing import List, Optional, Tuple
 
 import models
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 # model constructor arguments that main.py sets itself from its own options
 MANAGED_MODEL_ARGS = {'img_size': 'input_size', 'num_classes': 'data_set', 'drop_rate': 'drop',
@@ -26,7 +26,7 @@ def _add(parser, name: str, *aliases: str, **kwargs):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('HVT / PiT / HiViT training and evaluation', add_help=add_help, allow_abbrev=False)
+    p = ArgumentParser('HVT / PiT / HiViT training and evaluation', add_help=add_help, allow_abbrev=False)
     on_off = argparse.BooleanOptionalAction
     _add(p, 'config', type=str, default='', help='JSON config: options and model constructor arguments')
 
@@ -138,18 +138,9 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class _ArgParseError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _ArgParseError(message)
-
-
-def _quiet_parser(suppress_defaults: bool) -> argparse.ArgumentParser:
+def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
+    """The option parser; with ``suppress_defaults`` it returns only the options given on the command line."""
     parser = get_args_parser()
-    parser.__class__ = _Parser
     if suppress_defaults:
         for action in parser._actions:
             action.default = argparse.SUPPRESS
@@ -163,12 +154,8 @@ def option_names() -> List[str]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Resolve defaults, the JSON config and the command line into one namespace (``args.model_kwargs`` holds the
     model's constructor arguments). Raises :class:`UserError` with one line on any bad key or value."""
-    try:
-        args, extras = _quiet_parser(False).parse_known_args(argv)
-        explicit, _ = _quiet_parser(True).parse_known_args(argv)
-    except _ArgParseError as e:
-        raise UserError(str(e)) from None
-    explicit = vars(explicit)
+    args, extras = _parser(False).parse_known_args(argv)
+    explicit = vars(_parser(True).parse_known_args(argv)[0])
     model_kwargs = {}
     if args.config:
         config = load_json_config(args.config)
@@ -283,7 +270,7 @@ def _check_values(args) -> None:
 
 def resolved_config(args) -> dict:
     """What config.json records: every option plus the model's constructor arguments."""
-    skip = {'config', 'model_kwargs', 'rank', 'local_rank', 'distributed', 'gpu'}
+    skip = {'config', 'model_kwargs', 'rank', 'local_rank', 'distributed'}
     out = {k: v for k, v in vars(args).items() if k not in skip}
     out.update(args.model_kwargs)
     return out

@@ -1,4 +1,5 @@
 """Distributed helpers, metric logging, seeding, RNG state, atomic checkpoint writes."""
+import argparse
 import datetime
 import json
 import os
@@ -15,6 +16,13 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """An error the user caused (bad config, data, checkpoint, flags): one line, exit code 2, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without its own exit: a bad flag raises :class:`UserError` (one line, exit code 2, by the caller)."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------- distributed
