@@ -312,11 +312,10 @@ def load_resume_checkpoint(path: str, model, nb_classes: int, args) -> dict:
     try:
         ckpt = models.load_checkpoint_file(path)
         state_dict = models.extract_state_dict(ckpt, use_ema=args.eval_ema)
-        ckpt_classes = models.convert.checkpoint_num_classes(model, state_dict)
-        if ckpt_classes is not None and ckpt_classes != nb_classes:
-            raise UserError(f"checkpoint {path} has {ckpt_classes} classes but data set {args.data_set} has "
-                            f"{nb_classes}; use --finetune to start from it with a new head")
         missing, unexpected = models.load_pretrained(model, state_dict, drop_mismatched_head=False, log=None)
+    except models.ClassCountError as e:
+        raise UserError(f"checkpoint {path} has {e.checkpoint_classes} classes but data set {args.data_set} has "
+                        f"{nb_classes}; use --finetune to start from it with a new head") from None
     except models.CheckpointError as e:
         raise UserError(str(e)) from None
     if missing or unexpected:

@@ -2,9 +2,10 @@
 
 Every model is also registered in timm under the same (project-unique) name.
 """
-from .convert import CheckpointError, load_checkpoint_file, extract_state_dict, load_pretrained
+from .convert import CheckpointError, ClassCountError, load_checkpoint_file, extract_state_dict, load_pretrained
 from .registry import UnknownModelError, create_model, list_models, model_arg_names, model_class
 from . import vit, hvt, pit, hivit  # noqa: F401  (registers the models)
 
 __all__ = ['create_model', 'list_models', 'load_pretrained', 'model_arg_names', 'model_class',
-           'load_checkpoint_file', 'extract_state_dict', 'CheckpointError', 'UnknownModelError']
+           'load_checkpoint_file', 'extract_state_dict', 'CheckpointError', 'ClassCountError',
+           'UnknownModelError']

@@ -25,6 +25,14 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, corrupt, truncated, or not matching the model."""
 
 
+class ClassCountError(CheckpointError):
+    """The checkpoint's classifier has another class count than the model (and heads are not to be dropped)."""
+
+    def __init__(self, checkpoint_classes: int, model_classes: int):
+        super().__init__(f'checkpoint has {checkpoint_classes} classes, the model {model_classes}')
+        self.checkpoint_classes, self.model_classes = checkpoint_classes, model_classes
+
+
 def load_checkpoint_file(path: Union[str, pathlib.Path]) -> dict:
     """``torch.load(weights_only=True)``; legacy checkpoints holding an argparse.Namespace load through an allowlist."""
     path = pathlib.Path(path)
@@ -71,24 +79,14 @@ def convert_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
     return state_dict
 
 
-def checkpoint_num_classes(model: nn.Module, state_dict: StateDict) -> Optional[int]:
-    """Class count of the checkpoint's head (after conversion), or None when it has no head for this model."""
-    state_dict = convert_state_dict(model, state_dict)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.split('.')[-1] in ('head', 'fc') and name.startswith('head'):
-            weight = state_dict.get(f'{name}.weight')
-            if weight is not None:
-                return weight.shape[0]
-    return None
-
-
 def load_pretrained(model: nn.Module, source: Union[str, pathlib.Path, dict], use_ema: bool = False,
                     drop_mismatched_head: bool = True, log: Optional[Callable[[str], None]] = print
                     ) -> Tuple[list, list]:
     """Load weights from a file or a checkpoint dict into ``model``; returns (missing, unexpected) keys.
 
-    Classifier heads (``head*``) whose shape differs are dropped (fine-tuning to another class count); any other
-    shape mismatch is an error. Missing and unexpected keys are printed through ``log``.
+    Classifier heads (``head*``) whose shape differs are dropped (fine-tuning to another class count), or raise
+    :class:`ClassCountError` with ``drop_mismatched_head=False``; any other shape mismatch is an error. Missing and
+    unexpected keys are printed through ``log``.
     """
     ckpt = load_checkpoint_file(source) if not isinstance(source, dict) else source
     state_dict = convert_state_dict(model, extract_state_dict(ckpt, use_ema=use_ema))
@@ -99,6 +97,8 @@ def load_pretrained(model: nn.Module, source: Union[str, pathlib.Path, dict], us
             if key.startswith('head') and drop_mismatched_head:
                 dropped.append(key)
                 del state_dict[key]
+            elif key.startswith('head') and key.endswith('weight'):
+                raise ClassCountError(state_dict[key].shape[0], own[key].shape[0])
             else:
                 wrong.append(f'{key} {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}')
     if wrong:
