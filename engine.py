@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.utils import accuracy, dispatch_clip_grad
+from timm.utils import dispatch_clip_grad
 
 import utils
 
@@ -105,12 +105,11 @@ def _limit(loader, steps: int):
 
 @torch.no_grad()
 def evaluate(data_loader, model, device, amp_dtype=None, print_freq: int = 10, channels_last: bool = False):
-    """Top-1, top-5 and mean cross-entropy over the whole loader, counted per sample and summed over ranks once at
-    the end (no collectives inside the loop, so ranks may hold different numbers of samples)."""
+    """Top-1, top-5 and mean cross-entropy over the whole loader. Sums stay on the device (no host sync per batch)
+    and are added over ranks once at the end, so ranks may hold different numbers of samples."""
     model.eval()
     logger = utils.MetricLogger()
-    loss_sum = correct1 = correct5 = 0.0
-    n = 0
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, samples
     for images, target in logger.log_every(data_loader, print_freq, 'Test:'):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -119,16 +118,11 @@ def evaluate(data_loader, model, device, amp_dtype=None, print_freq: int = 10, c
         with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()
-        batch = images.shape[0]
-        maxk = min(5, output.shape[1])
-        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
-        loss = F.cross_entropy(output, target, reduction='sum')
-        loss_sum += loss.item()
-        correct1 += acc1.item() * batch / 100.0
-        correct5 += acc5.item() * batch / 100.0
-        n += batch
-        logger.update(acc1=acc1.item(), acc5=acc5.item(), n=batch)
-    loss_sum, correct1, correct5, n = utils.all_reduce_sum([loss_sum, correct1, correct5, n], device)
+        topk = output.topk(min(5, output.shape[1]), dim=1).indices
+        hits = topk == target[:, None]
+        totals += torch.stack([F.cross_entropy(output, target, reduction='sum'), hits[:, 0].sum(),
+                               hits.any(dim=1).sum(), torch.tensor(images.shape[0], device=device)]).double()
+    loss_sum, correct1, correct5, n = utils.all_reduce_sum(totals.tolist(), device)
     n = int(round(n))
     stats = {'loss': loss_sum / max(n, 1), 'acc1': 100.0 * correct1 / max(n, 1),
              'acc5': 100.0 * correct5 / max(n, 1), 'n_samples': n}
