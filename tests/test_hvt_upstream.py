@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import models
+from models.layers import set_fused_attn
 
 FIXTURE = pathlib.Path(__file__).parent / 'data' / 'hvt_upstream_small.pt'
 MODEL_KWARGS = dict(patch_size=4, num_heads=2, head_dim=16, num_blocks=4, pool_kernel_size=3, pool_block_width=2,
@@ -45,29 +46,22 @@ def test_fixture_settings_match_our_build(fixture):
     assert fixture['source'].startswith('ziplab/HVT models.py @ ')
 
 
-def test_upstream_weights_reproduce_upstream_logits(fixture):
+def loaded_logits(source, inputs, fused=True):
+    """Load ``source`` into a 32-px model (every key must match), run ``inputs`` in eval mode."""
+    model = build(32)
+    missing, unexpected = models.load_pretrained(model, source, log=None)
+    assert missing == [] and unexpected == []
+    set_fused_attn(model, fused)
+    with torch.no_grad():
+        return model.eval()(inputs)
+
+
+def test_official_keys_equal_ours_and_load_verbatim(fixture):
     model = build(32)
     assert set(model.state_dict()) == set(fixture['model']), 'official key names differ from ours'
-    missing, unexpected = models.load_pretrained(model, FIXTURE, log=None)
-    assert missing == [] and unexpected == []
-    for key, value in fixture['model'].items():  # loaded verbatim, no filter changed anything at this size
+    models.load_pretrained(model, FIXTURE, log=None)
+    for key, value in fixture['model'].items():  # no filter changed anything at this size
         assert torch.equal(model.state_dict()[key], value), key
-    model.eval()
-    with torch.no_grad():
-        logits = model(fixture['input'])
-    assert logits.shape == fixture['logits'].shape == (2, 10)
-    assert (logits - fixture['logits']).abs().max().item() <= 1e-5
-
-
-def test_hvt_class_reproduces_upstream_logits(fixture):
-    """The same check through the model class, independent of the ``hvt_model`` entry point's argument handling."""
-    model = models.model_class('hvt_model')(img_size=32, **MODEL_KWARGS)
-    missing, unexpected = models.load_pretrained(model, FIXTURE, log=None)
-    assert missing == [] and unexpected == []
-    model.eval()
-    with torch.no_grad():
-        logits = model(fixture['input'])
-    assert (logits - fixture['logits']).abs().max().item() <= 1e-5
 
 
 def perturbed_state_dict(fixture):
@@ -76,30 +70,18 @@ def perturbed_state_dict(fixture):
 
 
 @pytest.mark.parametrize('fused', [True, False], ids=['sdpa', 'explicit'])
-def test_perturbed_upstream_weights_reproduce_upstream_logits(fixture, fused):
-    from models.layers import set_fused_attn
-    model = build(32)
-    missing, unexpected = models.load_pretrained(model, {'model': perturbed_state_dict(fixture)}, log=None)
-    assert missing == [] and unexpected == []
-    set_fused_attn(model, fused)
-    model.eval()
-    with torch.no_grad():
-        logits = model(fixture['input'])
-    ref = fixture['logits_perturbed']
-    assert ref.abs().max().item() > 1.  # the perturbed logits are O(1), not ~0.05
+@pytest.mark.parametrize('weights', ['upstream_init', 'perturbed'])
+def test_upstream_weights_reproduce_upstream_logits(fixture, weights, fused):
+    """Upstream computes attention with explicit matmuls; both of our paths must match it. Upstream's own init gives
+    logits of ~0.05, so the perturbed weights (logits of O(1)) are what catches a swapped bias or norm."""
+    if weights == 'perturbed':
+        source, ref = {'model': perturbed_state_dict(fixture)}, fixture['logits_perturbed']
+        assert ref.abs().max().item() > 1.
+    else:
+        source, ref = FIXTURE, fixture['logits']
+    logits = loaded_logits(source, fixture['input'], fused)
+    assert logits.shape == ref.shape == (2, 10)
     assert (logits - ref).abs().max().item() <= 1e-5
-
-
-def test_upstream_weights_explicit_attention_path(fixture):
-    """Upstream uses explicit q @ k^T / attn @ v; our non-fused path must match it too."""
-    from models.layers import set_fused_attn
-    model = build(32)
-    models.load_pretrained(model, FIXTURE, log=None)
-    set_fused_attn(model, False)
-    model.eval()
-    with torch.no_grad():
-        logits = model(fixture['input'])
-    assert (logits - fixture['logits']).abs().max().item() <= 1e-5
 
 
 def test_legacy_training_checkpoint_with_namespace_args(fixture, tmp_path):
@@ -108,13 +90,7 @@ def test_legacy_training_checkpoint_with_namespace_args(fixture, tmp_path):
     torch.save({'model': fixture['model'], 'args': argparse.Namespace(lr=1e-3), 'epoch': 3}, path)
     with pytest.raises(pickle.UnpicklingError):  # plain weights_only loading refuses the Namespace: the allowlist is what helps
         torch.load(path, map_location='cpu', weights_only=True)
-    model = build(32)
-    missing, unexpected = models.load_pretrained(model, path, log=None)
-    assert missing == [] and unexpected == []
-    model.eval()
-    with torch.no_grad():
-        logits = model(fixture['input'])
-    assert (logits - fixture['logits']).abs().max().item() <= 1e-5
+    assert (loaded_logits(path, fixture['input']) - fixture['logits']).abs().max().item() <= 1e-5
 
 
 def test_upstream_weights_resized_for_larger_input(fixture):
