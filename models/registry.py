@@ -5,13 +5,19 @@ constructor arguments of the chosen model (``model_arg_names``).
 """
 import difflib
 import inspect
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, List, Optional, Type
 
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model as timm_register_model
 
 _ENTRYPOINTS: Dict[str, Callable[..., nn.Module]] = {}
 _CLASSES: Dict[str, Type[nn.Module]] = {}
+_DATA_CONFIGS: Dict[str, dict] = {}
+
+# evaluation preprocessing of a model unless its registration says otherwise (timm's pretrained_cfg fields)
+DEFAULT_DATA_CONFIG = dict(input_size=224, interpolation='bicubic', crop_pct=0.875,
+                           mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 # kwargs that timm.create_model passes to every entry point; our constructors do not take them
 _TIMM_FACTORY_KWARGS = ('pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
@@ -23,8 +29,14 @@ class UnknownModelError(ValueError):
     pass
 
 
-def register_model(model_cls: Type[nn.Module]):
-    """Decorator for an entry point ``fn(**kwargs) -> model_cls``: records it here and in timm's registry."""
+def register_model(model_cls: Type[nn.Module], **data_config):
+    """Decorator for an entry point ``fn(**kwargs) -> model_cls``: records it here and in timm's registry.
+
+    ``data_config`` overrides fields of :data:`DEFAULT_DATA_CONFIG` (``input_size``, ``interpolation``,
+    ``crop_pct``, ``mean``, ``std``): the model's default resolution and evaluation preprocessing."""
+    unknown = set(data_config) - set(DEFAULT_DATA_CONFIG)
+    if unknown:
+        raise TypeError(f'unknown data config fields {sorted(unknown)}')
 
     def wrap(fn):
         name = fn.__name__
@@ -43,6 +55,7 @@ def register_model(model_cls: Type[nn.Module]):
         entrypoint.__module__ = fn.__module__
         _ENTRYPOINTS[name] = entrypoint
         _CLASSES[name] = model_cls
+        _DATA_CONFIGS[name] = {**DEFAULT_DATA_CONFIG, **data_config}
         timm_register_model(entrypoint)
         return entrypoint
 
@@ -65,14 +78,23 @@ def model_class(name: str) -> Type[nn.Module]:
     return _CLASSES[name]
 
 
+def data_config(name: str) -> dict:
+    """Default input size, interpolation, crop fraction, mean and std of a registered model (a copy)."""
+    _check_name(name)
+    return dict(_DATA_CONFIGS[name])
+
+
 def model_arg_names(name: str) -> List[str]:
     """Constructor arguments a config may set for this model (besides main.py's own options)."""
     params = inspect.signature(model_class(name).__init__).parameters
     return [p for p in params if p not in ('self', 'kwargs', 'args')]
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model. Keyword arguments go to the model's constructor (None values are dropped)."""
+def create_model(name: str, token_reduction: Optional[dict] = None, **kwargs) -> nn.Module:
+    """Build a registered model. Keyword arguments go to the model's constructor (None values are dropped).
+
+    ``token_reduction`` (a spec dict, see ``models.token_reduction``) is applied to the built model; an invalid
+    spec raises ``ValueError`` naming the parameter."""
     _check_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     accepted = set(model_arg_names(name))
@@ -80,4 +102,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if unknown:
         raise ValueError(f"model '{name}' does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    return _ENTRYPOINTS[name](**kwargs)
+    model = _ENTRYPOINTS[name](**kwargs)
+    if token_reduction is not None:
+        from .token_reduction import apply_token_reduction
+        apply_token_reduction(model, token_reduction)
+    return model
