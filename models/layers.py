@@ -36,25 +36,40 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, return_attn: bool = False):
+    def project_qkv(self, x: torch.Tensor):
+        """(B, N, C) -> q, k, v, each (B, heads, N, head_dim)."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        attn = None
+        return qkv.unbind(0)
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (B, heads, N, head_dim) -> (B, N, C) through ``proj``."""
+        B, _, N, _ = x.shape
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
+               return_attn: bool = False):
+        """softmax(q·kᵀ·scale + attn_bias)·v per head: the fused kernel, or the explicit path when the map is needed
+        (``return_attn``) or ``fused_attn`` is off. Returns the per-head output, and the map when asked."""
         if self.fused_attn and not return_attn:
             if attn_bias is not None:
                 attn_bias = attn_bias.to(q.dtype)
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_bias is not None:
-                attn = attn + attn_bias
-            attn = attn.softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
-        x = x.transpose(1, 2).reshape(B, N, -1)
-        x = self.proj_drop(self.proj(x))
+            return x
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if attn_bias is not None:
+            attn = attn + attn_bias
+        attn = attn.softmax(dim=-1)
+        x = self.attn_drop(attn) @ v
         return (x, attn) if return_attn else x
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, return_attn: bool = False):
+        q, k, v = self.project_qkv(x)
+        if return_attn:
+            x, attn = self.attend(q, k, v, attn_bias, return_attn=True)
+            return self.project_out(x), attn
+        return self.project_out(self.attend(q, k, v, attn_bias))
 
 
 class Block(nn.Module):
@@ -71,10 +86,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_bias=attn_bias))
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, state=None) -> torch.Tensor:
+        """``state`` (a ``models.token_reduction.TokenState``, made afresh for each forward) carries a token-reduction
+        method whose four hooks run here: before the block, inside attention (on the normed tokens, with this
+        block's ``attn`` module), after the attention residual, after the block. Without it: the plain block."""
+        if state is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), attn_bias=attn_bias))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        hooks = state.method
+        x = hooks.before_block(self, x, state)
+        x = x + self.drop_path(hooks.attention(self.attn, self.norm1(x), state))
+        x = hooks.after_attention(self, x, state)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        return hooks.after_block(self, x, state)
 
 
 class PatchEmbed(nn.Module):

@@ -22,6 +22,8 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1
+        # a models.token_reduction method (set by apply_token_reduction; never changed during a forward), or None
+        self.token_reduction = None
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
@@ -46,10 +48,19 @@ class VisionTransformer(nn.Module):
         return dict(stem=r'^cls_token|pos_embed|patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normed tokens (B, 1 + N, C); fewer tokens when a token-reduction method removes some."""
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
-        x = self.blocks(x)
+        method = self.token_reduction
+        if method is None:
+            x = self.blocks(x)
+        else:
+            state = method.new_state(x, self.patch_embed.grid_size, len(self.blocks))
+            for index, block in enumerate(self.blocks):
+                state.index = index
+                x = block(x, state=state)
+            x = method.finish(x, state)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

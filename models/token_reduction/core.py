@@ -1,0 +1,239 @@
+"""What every token-reduction method shares: spec checking, the block hooks, the per-forward state, tensor ops.
+
+A method is a :class:`TokenReduction` subclass registered with :func:`register_method`. Its instance holds the
+validated spec only (plain values, never changed during a forward), so a reduced model stays deep-copyable,
+picklable and re-entrant. Everything a forward accumulates (token sizes, running class attention, clustering
+memory) lives in a :class:`TokenState` made by :meth:`TokenReduction.new_state` at the start of each forward and
+passed to every block. ``models.layers.Block`` calls the four hooks; the defaults below are the plain block.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+
+REQUIRED = object()
+
+
+# --------------------------------------------------------------------------------------------------- spec checking
+
+def _fail(method: str, name: str, expected: str, value) -> None:
+    raise ValueError(f"token_reduction {method}: '{name}' must be {expected}, got {value!r}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One spec parameter: its default (``REQUIRED`` if none) and a checker that raises a one-line ValueError."""
+    default: Any
+    check: Callable[[str, str, Any], None]
+
+
+def int_param(low: Optional[int] = None, default=REQUIRED, allow_none: bool = False) -> Param:
+    def check(method, name, value):
+        if value is None and allow_none:
+            return
+        if not is_int(value) or (low is not None and value < low):
+            _fail(method, name, f'an integer >= {low}' if low is not None else 'an integer', value)
+    return Param(default, check)
+
+
+def float_param(low: float, high: float, low_open: bool = False, default=REQUIRED) -> Param:
+    def check(method, name, value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (low < value if low_open else low <= value) and value <= high
+        if not ok:
+            _fail(method, name, f"a number in {'(' if low_open else '['}{low}, {high}]", value)
+    return Param(default, check)
+
+
+def positive_float_param(default=REQUIRED) -> Param:
+    def check(method, name, value):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value > 0):
+            _fail(method, name, 'a positive number', value)
+    return Param(default, check)
+
+
+def bool_param(default=REQUIRED) -> Param:
+    def check(method, name, value):
+        if not isinstance(value, bool):
+            _fail(method, name, 'true or false', value)
+    return Param(default, check)
+
+
+def choice_param(choices: Sequence[str], default=REQUIRED) -> Param:
+    def check(method, name, value):
+        if value not in choices:
+            _fail(method, name, f"one of {', '.join(repr(c) for c in choices)}", value)
+    return Param(default, check)
+
+
+def int_list_param(low: int = 0, default=REQUIRED, allow_none: bool = False) -> Param:
+    def check(method, name, value):
+        if value is None and allow_none:
+            return
+        if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and v >= low for v in value):
+            _fail(method, name, f'a non-empty list of integers >= {low}', value)
+    return Param(default, check)
+
+
+def check_block_index(method: str, name: str, index: int, depth: int, allow_end: bool = False) -> None:
+    """Block indices are 0-based; ``allow_end`` also accepts ``depth`` (after the last block)."""
+    high = depth if allow_end else depth - 1
+    if not 0 <= index <= high:
+        raise ValueError(f"token_reduction {method}: '{name}' {index} is outside the model's blocks; "
+                         f"use 0 to {high}{' (' + str(depth) + ' = after the last block)' if allow_end else ''}")
+
+
+# ----------------------------------------------------------------------------------------------------- the state
+
+class TokenState:
+    """Per-forward state, made by :meth:`TokenReduction.new_state` at the start of every forward.
+
+    ``index`` is the block about to run (set by the model's block loop), ``depth`` the number of blocks,
+    ``grid_size`` the patch grid (rows, cols) of the input. Methods subclass it for what they carry."""
+
+    def __init__(self, method: 'TokenReduction', grid_size: Tuple[int, int], depth: int):
+        self.method = method
+        self.grid_size = tuple(grid_size)
+        self.depth = depth
+        self.index = 0
+
+
+# ---------------------------------------------------------------------------------------------------- the method
+
+class TokenReduction:
+    """Base class of the methods: validated spec, no-op hooks (the plain block), token schedule.
+
+    Subclasses set ``name``, ``params`` (name -> :class:`Param`) and ``main_param`` (named in the error when a
+    setting leaves no patch token), override the hooks they need, :meth:`check` (model-dependent limits) and
+    :meth:`schedule`. Data-dependent methods set ``data_dependent`` and return an upper bound from schedule."""
+    name: str = ''
+    params: Dict[str, Param] = {}
+    main_param: str = ''
+    data_dependent: bool = False
+
+    def __init__(self, **values):
+        self.values = dict(values)
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.spec()})'
+
+    def spec(self) -> dict:
+        """The full spec, defaults filled in (JSON-ready)."""
+        return {'method': self.name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.values.items()}}
+
+    # ---- model-dependent checks and the closed-form token counts
+
+    def check(self, depth: int, grid_size: Tuple[int, int]) -> None:
+        """Raise a one-line ValueError for a setting this model cannot take (block index, grid, ...)."""
+
+    def schedule(self, num_tokens: int, grid_size: Tuple[int, int], depth: int) -> List[Tuple[int, int]]:
+        """(tokens seen by attention, tokens seen by the MLP) of each block, class token included; for
+        data-dependent methods an upper bound."""
+        return [(num_tokens, num_tokens)] * depth
+
+    def output_tokens(self, num_tokens: int, grid_size: Tuple[int, int], depth: int) -> int:
+        """Tokens after the last block (what the final norm and ``forward_features`` see)."""
+        schedule = self.schedule(num_tokens, grid_size, depth)
+        return schedule[-1][1] if schedule else num_tokens
+
+    # ---- hooks (called by models.layers.Block and VisionTransformer.forward_features)
+
+    def new_state(self, x: torch.Tensor, grid_size: Tuple[int, int], depth: int) -> TokenState:
+        return TokenState(self, grid_size, depth)
+
+    def before_block(self, block, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return x
+
+    def attention(self, attn, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The attention branch on the normed tokens ``x`` (B, N, C), with the block's own ``attn`` module."""
+        return attn(x)
+
+    def after_attention(self, block, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return x
+
+    def after_block(self, block, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return x
+
+    def finish(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """After the last block, before the final norm."""
+        return x
+
+
+METHODS: Dict[str, Type[TokenReduction]] = {}
+
+
+def register_method(cls: Type[TokenReduction]) -> Type[TokenReduction]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(spec: dict, depth: int, grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> TokenReduction:
+    """Check a spec against the method's parameters and the model (depth, patch grid); return the method."""
+    if not isinstance(spec, dict):
+        raise ValueError(f'token_reduction must be a JSON object with a "method" key, got {spec!r}')
+    name = spec.get('method')
+    if name not in METHODS:
+        raise ValueError(f"token_reduction: unknown method {name!r}; methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    unknown = sorted(set(spec) - set(cls.params) - {'method'})
+    if unknown:
+        raise ValueError(f"token_reduction {name}: unknown parameter{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; {name} takes {', '.join(cls.params) or 'no parameters'}")
+    values = {}
+    for key, param in cls.params.items():
+        if key not in spec:
+            if param.default is REQUIRED:
+                raise ValueError(f"token_reduction {name}: '{key}' is required")
+            values[key] = param.default
+            continue
+        param.check(name, key, spec[key])
+        values[key] = tuple(spec[key]) if isinstance(spec[key], list) else spec[key]
+    method = cls(**values)
+    method.check(depth, grid_size)
+    num_tokens = num_prefix_tokens + grid_size[0] * grid_size[1]
+    for index, (attn_tokens, mlp_tokens) in enumerate(method.schedule(num_tokens, grid_size, depth)):
+        if min(attn_tokens, mlp_tokens) <= num_prefix_tokens:
+            raise ValueError(f"token_reduction {name}: '{method.main_param}' {values.get(method.main_param)!r} "
+                             f"leaves no patch token at block {index} of {depth} ({num_tokens} tokens in)")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------------- tensor ops
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, K) of tokens ``x`` (B, N, C) -> (B, K, C)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The class token's attention row per head, softmax(q_cls·kᵀ·scale): (B, heads, N). Computed beside the fused
+    kernel: one query row instead of the whole map."""
+    return ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1).squeeze(2)
+
+
+def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
+    """Mean attention each token receives from every query, heads averaged: (B, heads, N, N) -> (B, N)."""
+    return attn.mean(dim=1).mean(dim=1)
+
+
+def square_side(value: int) -> int:
+    side = math.isqrt(value)
+    return side if side * side == value else -1
+
+
+def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` to ``length``."""
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, missing]
+    return F.pad(x, pad)
