@@ -1,14 +1,17 @@
-"""Plain ViT with a class token: DeiT-Ti/S/B (Touvron et al. 2021).
+"""Plain ViT with a class token: DeiT-Ti/S/B (Touvron et al. 2021), SWAG ViT-L/16 and ViT-H/14 (Singh et al. 2022).
 
-Parameter names equal timm's ``VisionTransformer``, so timm/DeiT checkpoints load as they are; position embeddings are
-resampled (bicubic, class token kept) when the checkpoint was trained at another resolution.
+Parameter names equal timm's ``VisionTransformer``, so timm/DeiT checkpoints load as they are; SWAG and torchvision
+ViT state dicts are renamed by :func:`swag_to_timm`. Position embeddings are resampled (bicubic, class token kept)
+when the checkpoint was trained at another resolution.
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
+from .convert import CheckpointError
 from .layers import Block, PatchEmbed, init_vit_weights, trunc_normal_
 from .registry import register_model
 
@@ -70,14 +73,77 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def checkpoint_filter(self, state_dict: dict) -> dict:
-        """Map a timm/DeiT state dict onto this model: resample ``pos_embed`` to this model's grid."""
+        """Map a timm/DeiT, SWAG or torchvision ViT state dict onto this model; resample ``pos_embed`` to this
+        model's grid (timm's ``resample_abs_pos_embed``: bicubic, antialiased, class token kept)."""
+        state_dict = swag_to_timm(state_dict)
         pos = state_dict.get('pos_embed')
-        if pos is not None and pos.shape != self.pos_embed.shape:
-            old_grid = int(math.sqrt(pos.shape[1] - self.num_prefix_tokens))
+        if pos is not None and pos.shape != self.pos_embed.shape and pos.ndim == 3 and pos.shape[0] == 1 \
+                and pos.shape[2] == self.embed_dim:
+            old_patches = pos.shape[1] - self.num_prefix_tokens
+            old_grid = math.isqrt(old_patches)
+            if old_grid * old_grid != old_patches:
+                raise CheckpointError(f'position embedding of {pos.shape[1]} tokens is not a class token plus a '
+                                      f'square patch grid; cannot resize it to {self.patch_embed.grid_size}')
             state_dict['pos_embed'] = resample_abs_pos_embed(
                 pos, new_size=self.patch_embed.grid_size, old_size=(old_grid, old_grid),
                 num_prefix_tokens=self.num_prefix_tokens)
         return state_dict
+
+
+# SWAG (facebookresearch/SWAG) and torchvision ``VisionTransformer`` names -> ours (timm's). Top-level prefixes:
+_SWAG_TOP_LEVEL = (
+    ('class_token', 'cls_token'),
+    ('conv_proj.', 'patch_embed.proj.'),
+    ('encoder.pos_embedding', 'pos_embed'),
+    ('encoder.ln.', 'norm.'),
+    ('head.layers.head.', 'head.'),  # SWAG's VisionTransformerHead
+    ('heads.head.', 'head.'),  # torchvision
+)
+# inside an encoder layer (``encoder.layers.layer_{i}.`` in SWAG, ``encoder.layers.encoder_layer_{i}.`` in torchvision)
+_SWAG_IN_LAYER = (
+    ('ln_1.', 'norm1.'),
+    ('self_attention.in_proj_weight', 'attn.qkv.weight'),  # packed q, k, v as timm's qkv
+    ('self_attention.in_proj_bias', 'attn.qkv.bias'),
+    ('self_attention.out_proj.', 'attn.proj.'),
+    ('ln_2.', 'norm2.'),
+    ('mlp.linear_1.', 'mlp.fc1.'),  # SWAG, and torchvision's legacy (version 1) MLPBlock
+    ('mlp.linear_2.', 'mlp.fc2.'),
+    ('mlp.0.', 'mlp.fc1.'),  # torchvision
+    ('mlp.3.', 'mlp.fc2.'),
+)
+_SWAG_LAYER = re.compile(r'^encoder\.layers\.(?:encoder_)?layer_(\d+)\.(.+)$')
+_PRE_LOGITS = ('heads.pre_logits.', 'head.layers.pre_logits.')
+
+
+def _rename(key: str, table) -> str:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def swag_to_timm(state_dict: dict) -> dict:
+    """Rename a SWAG or torchvision ViT state dict to timm's names; any other state dict is returned as it is.
+
+    SWAG stores the position embedding sequence-first, ``[S, 1, D]``; it becomes ``[1, S, D]``. Keys this mapping does
+    not know pass through unchanged (and are reported as unexpected by ``load_pretrained``)."""
+    if not any(k == 'class_token' or k.startswith(('conv_proj.', 'encoder.layers.')) for k in state_dict):
+        return state_dict
+    pre_logits = [k for k in state_dict if k.startswith(_PRE_LOGITS)]
+    if pre_logits:
+        raise CheckpointError(f'checkpoint has a pre-logits layer ({pre_logits[0]}); these ViTs have a plain linear '
+                              f'head (representation_size None)')
+    out = {}
+    for key, value in state_dict.items():
+        layer = _SWAG_LAYER.match(key)
+        if layer:
+            key = f'blocks.{layer.group(1)}.' + _rename(layer.group(2), _SWAG_IN_LAYER)
+        else:
+            key = _rename(key, _SWAG_TOP_LEVEL)
+        if key == 'pos_embed' and value.ndim == 3 and value.shape[1] == 1 and value.shape[0] > 1:
+            value = value.permute(1, 0, 2)  # SWAG: [S, 1, D] -> [1, S, D]
+        out[key] = value
+    return out
 
 
 def _deit(kwargs: dict, embed_dim: int, num_heads: int) -> VisionTransformer:
@@ -101,3 +167,22 @@ def deit_small(**kwargs):
 def deit_base(**kwargs):
     """DeiT-B/16: 768 wide, 12 heads, 86,567,656 params at 1000 classes."""
     return _deit(kwargs, 768, 12)
+
+
+def _swag(kwargs: dict, img_size: int, patch_size: int, embed_dim: int, depth: int) -> VisionTransformer:
+    arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=16, mlp_ratio=4.)
+    return VisionTransformer(**{**arch, **kwargs})
+
+
+@register_model(VisionTransformer, input_size=512, crop_pct=1.0)
+def swag_vit_l16(**kwargs):
+    """SWAG ViT-L/16 at 512 px (32x32 patches + class token = 1025 tokens): 1024 wide, 24 blocks, 16 heads, MLP 4096,
+    LayerNorm eps 1e-6, class-token head without pre-logits. 305,174,504 params at 1000 classes."""
+    return _swag(kwargs, 512, 16, 1024, 24)
+
+
+@register_model(VisionTransformer, input_size=518, crop_pct=1.0)
+def swag_vit_h14(**kwargs):
+    """SWAG ViT-H/14 at 518 px (37x37 patches + class token = 1370 tokens): 1280 wide, 32 blocks, 16 heads, MLP 5120,
+    LayerNorm eps 1e-6, class-token head without pre-logits. 633,470,440 params at 1000 classes."""
+    return _swag(kwargs, 518, 14, 1280, 32)
