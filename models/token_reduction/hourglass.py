@@ -189,7 +189,7 @@ class Hourglass(TokenReduction):
         """(B, 1 + H*W, C) -> (B, 1 + h*w, C); keeps what the reconstruction needs in ``state``."""
         cls_token, patches = x[:, :1], x[:, 1:]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            patches = patches.float()
+            patches = patches.to(torch.promote_types(patches.dtype, torch.float32))  # half -> float32
             centres = cluster_tokens(patches, state.grid_size, self.cluster_grid, self.iters, self.temperature,
                                      self.window_size)
             if self.reconstruct_location is not None:
