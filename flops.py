@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+import counting
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -98,208 +99,18 @@ PUBLISHED: Dict[str, Published] = {
     'hivit-base': Published('HiViT', '18.47', '79.05', 'fvcore', _HIVIT),
 }
 
-# ---------------------------------------------------------------------------------------------------------- conventions
+# ---------------------------------------------------------------------------------------------------------- counting
 
-CONVENTIONS: Dict[str, str] = {
-    'fvcore': 'fvcore default handles (conv, linear/matmul, norms at fvcore cost, adaptive avg-pool) + attention '
-              'matmuls; as timm, DeiT, mmengine',
-    'ptflops': 'conv/linear/matmul/attention MACs only, norms and pools not counted; as HVT (ptflops 0.6.4 + '
-               'attention hook)',
-    'pit-paper': 'fvcore on the <model>_distilled twin (two class tokens), as the PiT table (inferred, '
-                 'pit.md section 3.2)',
-}
-# op set each convention counts with (pit-paper differs in which model is counted, not in the op set)
+from counting import UncountedOpError, count_macs, count_params as params, detail  # noqa: E402
+
+CONVENTIONS = {name: c.description for name, c in counting.CONVENTIONS.items()}
 _OP_SET = {'fvcore': 'fvcore', 'ptflops': 'ptflops', 'pit-paper': 'fvcore'}
-
-# fvcore default handles that are not multiply-accumulates of a matmul or conv
-_NON_MATMUL_HANDLES = ('aten::batch_norm', 'aten::group_norm', 'aten::layer_norm', 'aten::instance_norm',
-                       'aten::upsample_nearest2d', 'aten::upsample_bilinear2d', 'aten::adaptive_avg_pool2d',
-                       'aten::grid_sampler')
-# ops that are (or may hide) multiply-accumulates; uncounted, they make the count wrong, so counting stops
-_MATMUL_LIKE = re.compile(r'mm|matmul|linear|conv|einsum|scaled_dot_product|attention|tensordot|addmv|::mv$|::dot$'
-                          r'|::vdot$|::inner$|::outer$|::ger$|::kron$|PythonOp', re.IGNORECASE)
-_ATTENTION_OPS = ('scaled_dot_product_attention', 'matmul', 'bmm', 'einsum')
-
-
-class UncountedOpError(RuntimeError):
-    """A matmul-like op had no counting handle, so the total would be too low."""
-
-
-def _prod(values: Sequence[int]) -> int:
-    return int(math.prod(int(v) for v in values))
-
-
-def sdpa_flop_jit(inputs, outputs) -> int:
-    """MACs of ``scaled_dot_product_attention(q, k, v, attn_mask, ...)``: q @ k^T (B.heads.Nq.Nk.D) plus
-    attn @ v (B.heads.Nq.Nk.Dv). The optional ``attn_mask`` is an element-wise add and, like softmax and the scale,
-    not counted. Grouped-query attention counts per query head."""
-    from fvcore.nn.jit_handles import get_shape
-    q, k, v = (get_shape(inputs[i]) for i in range(3))
-    return _prod(q[:-1]) * int(k[-2]) * (int(q[-1]) + int(v[-1]))
-
-
-_SDPA_OPS = ('aten::scaled_dot_product_attention', 'aten::_scaled_dot_product_attention_math',
-             'aten::_scaled_dot_product_flash_attention', 'aten::_scaled_dot_product_flash_attention_for_cpu',
-             'aten::_scaled_dot_product_efficient_attention', 'aten::_scaled_dot_product_cudnn_attention')
-
-
-def _analysis(model: nn.Module, inputs: torch.Tensor, op_set: str):
-    from fvcore.nn import FlopCountAnalysis
-    analysis = FlopCountAnalysis(model, inputs)
-    analysis.set_op_handle(**{name: sdpa_flop_jit for name in _SDPA_OPS})
-    if op_set == 'ptflops':
-        # set_op_handle(name, None) alone would keep the default handle (fvcore checks handles before ignores)
-        from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-        kept = {name: h for name, h in _DEFAULT_SUPPORTED_OPS.items() if name not in _NON_MATMUL_HANDLES}
-        analysis.clear_op_handles()
-        analysis.set_op_handle(**kept, **{name: sdpa_flop_jit for name in _SDPA_OPS})
-        analysis.set_op_handle(**{name: None for name in _NON_MATMUL_HANDLES})
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    analysis.tracer_warnings('none')
-    return analysis
-
-
-def _input(input_size: Union[int, Sequence[int]], device='cpu') -> torch.Tensor:
-    if isinstance(input_size, int):
-        input_size = (3, input_size, input_size)
-    return torch.randn(1, *input_size, device=device)
 
 
 def _check_convention(convention: str) -> None:
     if convention not in CONVENTIONS:
         raise UserError(f"unknown convention '{convention}'; use one of {', '.join(CONVENTIONS)}")
 
-
-def analyze(model: nn.Module, input_size: Union[int, Sequence[int]], convention: str = 'fvcore'):
-    """Run fvcore on ``model`` (eval mode, batch 1, no grad) and return the analysis after checking that every
-    matmul-like op was counted (raises :class:`UncountedOpError` naming the op otherwise)."""
-    _check_convention(convention)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            analysis = _analysis(model, _input(input_size, _device_of(model)), _OP_SET[convention])
-            analysis.total()  # runs the trace
-            unsupported = analysis.unsupported_ops()
-    finally:
-        model.train(was_training)
-    uncounted = sorted(op for op in unsupported if _MATMUL_LIKE.search(op))
-    if uncounted:
-        raise UncountedOpError(
-            f"uncounted matmul-like op{'s' if len(uncounted) > 1 else ''} "
-            f"{', '.join(f'{op} (x{unsupported[op]})' for op in uncounted)} in {type(model).__name__}: the MAC "
-            f"count would be too low; add an fvcore handle for it in flops.py")
-    return analysis
-
-
-def _device_of(model: nn.Module):
-    for p in model.parameters():
-        return p.device
-    return torch.device('cpu')
-
-
-def count_macs(model: nn.Module, input_size: Union[int, Sequence[int]],
-               convention: str = 'fvcore') -> Tuple[int, Dict[str, int]]:
-    """MACs of one image (batch 1) and MACs per module name ('' = whole model) under ``convention``'s op set.
-
-    ``pit-paper`` counts the model it is given with the fvcore op set; choosing the distilled twin is the caller's
-    part (:func:`report` builds it with :func:`twin_name`)."""
-    analysis = analyze(model, input_size, convention)
-    return int(analysis.total()), {name: int(v) for name, v in analysis.by_module().items()}
-
-
-def params(model: nn.Module) -> Tuple[int, int]:
-    """(total, trainable) parameter counts, exact."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return int(total), int(trainable)
-
-
-# ----------------------------------------------------------------------------------------------------------- per block
-
-def _is_unit(module: nn.Module) -> bool:
-    """A block-like module reported on its own line by --detail: our ``Block`` subclasses, and any non-torch module
-    whose class name ends in Block, Merge or Pooling (HiViT stem blocks and merges, PiT pooling)."""
-    from models.layers import Block
-    if isinstance(module, Block):
-        return True
-    cls = type(module)
-    return not cls.__module__.startswith('torch.') and re.search(r'(Block|Merge|Pooling)$', cls.__name__) is not None
-
-
-def _tokens(t) -> Tuple[Optional[int], Optional[int]]:
-    """(tokens, width) of a block input/output: (B, N, C) sequences, (B, C, H, W) maps, (B, N, s, s, C) unit grids."""
-    if isinstance(t, (tuple, list)) and t:
-        t = t[0]
-    if not torch.is_tensor(t) or t.dim() < 3:
-        return None, None
-    if t.dim() == 3:
-        return int(t.shape[1]), int(t.shape[2])
-    if t.dim() == 4:
-        return int(t.shape[2] * t.shape[3]), int(t.shape[1])
-    return _prod(t.shape[1:-1]), int(t.shape[-1])
-
-
-def block_shapes(model: nn.Module, input_size: Union[int, Sequence[int]]) -> List[dict]:
-    """Block-like modules in execution order with their input and output token counts (forward hooks, batch 1)."""
-    names = {}
-    units = []
-    for name, module in model.named_modules():
-        if _is_unit(module) and not any(name.startswith(parent + '.') for parent in units):
-            units.append(name)
-            names[module] = name
-    seen: List[dict] = []
-    hooks = []
-
-    def hook(module, args, output):
-        n_in, c_in = _tokens(args[0] if args else None)
-        n_out, c_out = _tokens(output)
-        seen.append(dict(name=names[module], type=type(module).__name__, tokens_in=n_in, dim_in=c_in,
-                         tokens_out=n_out, dim_out=c_out))
-
-    for module in names:
-        hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(_input(input_size, _device_of(model)))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def detail(model: nn.Module, input_size, convention: str) -> dict:
-    """Per top-level module, per operator, per block (with token counts and the attention-matmul part) and per stage
-    (a run of consecutive blocks with the same input token count and width)."""
-    analysis = analyze(model, input_size, convention)
-    by_module = analysis.by_module()
-    by_mod_op = analysis.by_module_and_operator()
-    blocks = []
-    for unit in block_shapes(model, input_size):
-        ops = by_mod_op.get(unit['name'], Counter())
-        unit['macs'] = int(by_module.get(unit['name'], 0))
-        unit['attn_macs'] = int(sum(ops.get(op, 0) for op in _ATTENTION_OPS))
-        blocks.append(unit)
-    stages = []
-    for unit in blocks:
-        key = (unit['tokens_in'], unit['dim_in'])
-        if stages and (stages[-1]['tokens_in'], stages[-1]['dim_in']) == key:
-            stage = stages[-1]
-        else:
-            stage = dict(stage=len(stages), tokens_in=key[0], dim_in=key[1], blocks=[], macs=0, attn_macs=0)
-            stages.append(stage)
-        stage['blocks'].append(unit['name'])
-        stage['macs'] += unit['macs']
-        stage['attn_macs'] += unit['attn_macs']
-    top = {name: int(by_module.get(name, 0)) for name, child in model.named_children()
-           if by_module.get(name, 0) or any(True for _ in child.parameters())}
-    operators = {k: int(v) for k, v in analysis.by_operator().items()}
-    return dict(total=int(analysis.total()), modules=top, operators=operators, stages=stages, blocks=blocks)
 
 
 # ------------------------------------------------------------------------------------------------------------ reports
@@ -377,6 +188,7 @@ def report(config_path: str, input_size: Optional[int] = None, convention: Optio
         counted = model if counted_name == args.model else build(config_path, input_size, counted_name)[1]
         if with_detail:
             details = detail(counted, args.input_size, convention)
+            details.pop('table')
             _MAC_CACHE[key] = details.pop('total')
         else:
             _MAC_CACHE[key] = count_macs(counted, args.input_size, convention)[0]
