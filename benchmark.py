@@ -3,11 +3,14 @@
     python benchmark.py --config config/deit-s.json --mode infer --batch-size 32 --threads 2 --json
     python benchmark.py --config config/deit-s.json --vs timm:deit_small_patch16_224     # same process, interleaved
     python benchmark.py --config config/hvt-s-1.json --vs config/deit-s.json             # two of our configs
-    python benchmark.py --all --iters 3 --repeats 3 --plot speed.png                     # every config; GMACs vs img/s
+    python benchmark.py --config C --token-reduction '{"method": "tome", "r": 8}' --vs plain   # reduced vs plain
+    python benchmark.py --all --iters 3 --repeats 3 --json > all.json                    # every config
+    python benchmarks/table.py all.json --plot speed.png                                 # GMACs vs img/s
 
-Method: build the model exactly as training does (``options.parse_args`` + ``main.build_model``, random init), put it
-on the device (``--channels-last``, ``--compile`` optional), run ``--warmup`` iterations, then ``--repeats`` timed runs
-of ``--iters`` iterations each on one synthetic batch; img/s of a run = batch x iters / wall time, with
+Method: build the model exactly as training does (``builders``, random init) at the model's input size unless
+``--input-size`` says otherwise, put it on the device (``--channels-last``, ``--compile`` optional), run ``--warmup``
+iterations, then ``--repeats`` timed runs of ``--iters`` iterations each on one synthetic batch; img/s of a run =
+batch x iters / wall time, with
 ``torch.cuda.synchronize`` before and after each run on CUDA. Inference runs under ``torch.inference_mode()`` in eval
 mode; training times forward + cross-entropy + backward + AdamW step in train mode (drop path as configured).
 ``--amp bf16|fp16`` runs the forward under ``torch.autocast`` (fp16 training adds a GradScaler).
@@ -16,7 +19,8 @@ The median, min and max over the runs are reported. On CPU every iteration's wal
 recorded: an iteration in which CPU time / wall time < ``--clean-ratio`` x threads did not have all its cores (other
 processes were running) and is left out of the "clean" figure (shared/reference/pit.md section 4). With ``--vs`` the
 two models alternate run by run (ours, theirs, ours, theirs ...) so both see the same machine state, and the ratio
-ours / theirs is reported per run (median) and on the clean iterations.
+ours / theirs is reported per run (median) and on the clean iterations. Each result records the model's GMACs
+(``counting``, fvcore convention, at the measured input size) for the GMACs-vs-img/s plot of ``benchmarks/table.py``.
 """
 import argparse
 import json
@@ -32,10 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import builders
+import counting
+import options
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-CONFIG_DIR = os.path.join(REPO, 'config')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 
 
@@ -60,10 +66,10 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def conditions(args, device: torch.device) -> dict:
+def conditions(args, device: torch.device, input_size: int) -> dict:
     import timm
     return dict(mode=args.mode, device=str(device), device_name=device_name(device), dtype='float32',
-                amp=args.amp, batch_size=args.batch_size, input_size=args.input_size_used,
+                amp=args.amp, batch_size=args.batch_size, input_size=input_size,
                 threads=torch.get_num_threads(), channels_last=args.channels_last, compile=args.compile,
                 warmup=args.warmup, iters=args.iters, repeats=args.repeats, torch=torch.__version__,
                 timm=timm.__version__, python=platform.python_version(), platform=platform.platform(),
@@ -72,13 +78,12 @@ def conditions(args, device: torch.device) -> dict:
 
 # -------------------------------------------------------------------------------------------------------------- models
 
-def build_ours(config_path: str, input_size: Optional[int]):
-    """(name, model, num_classes, input_size, resolved args) of a config, built as main.py builds it."""
-    import flops
+def build_ours(config_path: str, argv=()):
+    """(resolved args, model) of a config plus flag overrides, built as main.py builds it."""
     if not os.path.isfile(config_path):
         raise UserError(f"config file '{config_path}' not found")
-    args, model = flops.build(config_path, input_size)
-    return args.model, model, getattr(model, 'num_classes', 1000), args.input_size, args
+    args = builders.load_args(config_path, argv)
+    return args, builders.build_model(args)
 
 
 def build_timm(name: str, input_size: int, num_classes: int, **kwargs) -> nn.Module:
@@ -99,17 +104,23 @@ def build_timm(name: str, input_size: int, num_classes: int, **kwargs) -> nn.Mod
                         f"{default_size}") from None
 
 
-def build_vs(spec: str, input_size: int, num_classes: int, drop_rate: float = 0., drop_path_rate: float = 0.):
-    """``timm:NAME`` or a config path (``config:PATH`` or ``*.json``) -> (label, model). A timm model gets our
-    config's dropout and drop-path rates, so training runs compare like with like."""
+def build_vs(spec: str, cfg, num_classes: int):
+    """``plain`` (the config's model without its token reduction), ``timm:NAME`` or a config path (``config:PATH``
+    or ``*.json``) -> (label, model), at the input size of ``cfg`` (the resolved config measured). A timm model gets
+    the config's dropout and drop-path rates, so training runs compare like with like."""
+    if spec == 'plain':
+        if cfg.token_reduction is None:
+            raise UserError('--vs plain compares the token-reduced model with the plain one, and this config has no '
+                            'token_reduction; give --token-reduction')
+        return f'{cfg.model} (plain)', builders.build_model(cfg, num_classes, plain=True)
     if spec.startswith('timm:'):
-        return spec, build_timm(spec[len('timm:'):], input_size, num_classes, drop_rate=drop_rate,
-                                drop_path_rate=drop_path_rate)
+        return spec, build_timm(spec[len('timm:'):], cfg.input_size, num_classes, drop_rate=cfg.drop,
+                                drop_path_rate=cfg.drop_path)
     path = spec[len('config:'):] if spec.startswith('config:') else spec
     if not path.endswith('.json'):
-        raise UserError(f"--vs takes timm:NAME or a config path (*.json), got '{spec}'")
-    name, model, _, _, _ = build_ours(path, input_size)
-    return f'{name} ({path})', model
+        raise UserError(f"--vs takes plain, timm:NAME or a config path (*.json), got '{spec}'")
+    args, model = build_ours(path, ['--input-size', str(cfg.input_size)])
+    return f'{args.model} ({path})', model
 
 
 # -------------------------------------------------------------------------------------------------------------- timing
@@ -117,9 +128,10 @@ def build_vs(spec: str, input_size: int, num_classes: int, drop_rate: float = 0.
 class Runner:
     """One model set up for one mode on one device; ``step()`` runs one iteration on a fixed synthetic batch."""
 
-    def __init__(self, label: str, model: nn.Module, args, device: torch.device, num_classes: int):
+    def __init__(self, label: str, model: nn.Module, args, device: torch.device, num_classes: int, input_size: int):
         self.label = label
-        self.params = sum(p.numel() for p in model.parameters())
+        self.params = counting.count_params(model)[0]
+        self.gmacs = gmacs_of(model, input_size)
         self.device = device
         self.train = args.mode == 'train'
         self.amp_dtype = AMP_DTYPES[args.amp]
@@ -127,7 +139,7 @@ class Runner:
         model = model.to(device=device, memory_format=memory_format)
         model.train(self.train)
         gen = torch.Generator().manual_seed(0)
-        size = args.input_size_used
+        size = input_size
         self.x = torch.randn(args.batch_size, 3, size, size, generator=gen).to(device, memory_format=memory_format)
         self.y = torch.randint(0, max(1, num_classes), (args.batch_size,), generator=gen).to(device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if self.train else None
@@ -164,6 +176,14 @@ class Runner:
         else:
             loss.backward()
             self.optimizer.step()
+
+
+def gmacs_of(model: nn.Module, input_size: int) -> Optional[float]:
+    """GMACs of one image (fvcore convention), or None when the model uses an op the counter has no handle for."""
+    try:
+        return round(counting.count_macs(model, input_size, 'fvcore')[0] / 1e9, 4)
+    except counting.UncountedOpError:
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -229,7 +249,7 @@ def measure(runners: List[Runner], args) -> List[dict]:
     out = []
     for runner, r in zip(runners, runs):
         s = summarize(r, args.batch_size, args.iters, threads, args.clean_ratio)
-        s.update(model=runner.label, params=runner.params)
+        s.update(model=runner.label, params=runner.params, gmacs=runner.gmacs)
         if runner.device.type == 'cuda':
             s.update(peak_memory_mb=round(runner.peak_memory_mb, 1), peak_memory_kind='cuda_max_memory_allocated')
         out.append(s)
@@ -244,17 +264,17 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------------------------------------------- benchmarks
 
-def benchmark(config_path: str, args, device: torch.device) -> dict:
-    name, model, num_classes, input_size, cfg = build_ours(config_path, args.input_size)
-    args.input_size_used = input_size
-    runners = [Runner(name, model, args, device, num_classes)]
+def benchmark(config_path: str, args, device: torch.device, overrides=()) -> dict:
+    cfg, model = build_ours(config_path, overrides)
+    num_classes = getattr(model, 'num_classes', 1000)
+    runners = [Runner(cfg.model, model, args, device, num_classes, cfg.input_size)]
     if args.vs:
-        label, vs_model = build_vs(args.vs, input_size, num_classes, cfg.drop, cfg.drop_path)
-        runners.append(Runner(label, vs_model, args, device, num_classes))
+        label, vs_model = build_vs(args.vs, cfg, num_classes)
+        runners.append(Runner(label, vs_model, args, device, num_classes, cfg.input_size))
     results = measure(runners, args)
     ours = results[0]
-    out = dict(config=os.path.splitext(os.path.basename(config_path))[0], config_path=config_path, **ours,
-               **conditions(args, device))
+    out = dict(config=os.path.splitext(os.path.basename(config_path))[0], config_path=config_path,
+               token_reduction=cfg.token_reduction, **ours, **conditions(args, device, cfg.input_size))
     if device.type == 'cpu':
         out.update(peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind='cpu_peak_rss_process')
     if args.vs:
@@ -280,12 +300,16 @@ def _fmt_rate(s: dict) -> str:
     return text
 
 
+def _fmt_reduction(r: dict) -> str:
+    return '' if r.get('token_reduction') is None else f" with {json.dumps(r['token_reduction'])}"
+
+
 def format_result(r: dict) -> str:
     lines = [f"{r['config']}: {r['model']}, {r['mode']}, {r['device']} ({r['device_name']}), batch {r['batch_size']}, "
              f"3x{r['input_size']}x{r['input_size']}, fp32 + amp {r['amp']}, threads {r['threads']}, channels_last "
              f"{r['channels_last']}, compile {r['compile']}, warmup {r['warmup']}, {r['repeats']} x {r['iters']} iters,"
              f" torch {r['torch']}, timm {r['timm']}",
-             f"  ours  {r['model']}: {_fmt_rate(r)}"]
+             f"  ours  {r['model']}{_fmt_reduction(r)}: {_fmt_rate(r)}"]
     if 'vs' in r:
         v = r['vs']
         lines.append(f"  vs    {v['name']}: {_fmt_rate(v)}")
@@ -301,49 +325,6 @@ def format_result(r: dict) -> str:
     return '\n'.join(lines)
 
 
-def _family(config: str) -> str:
-    name = config.split('-')[0]
-    return 'hvt' if name == 'scale' else name
-
-
-def plot(results: List[dict], path: str, input_size: Optional[int]) -> None:
-    """GMACs (flops.py, fvcore convention, of the model measured) against median img/s, log-log, one labelled point
-    per model, one colour per family."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    import flops
-    fig, ax = plt.subplots(figsize=(8, 6))
-    colours = {}
-    for i, r in enumerate(results):
-        if 'error' in r:
-            continue
-        _, model = flops.build(r['config_path'], input_size)
-        gmacs = flops.count_macs(model, r['input_size'], 'fvcore')[0] / 1e9
-        rate = r['img_per_s']['median']
-        family = _family(r['config'])
-        first = family not in colours
-        colour = colours.setdefault(family, f'C{len(colours)}')
-        ax.scatter(gmacs, rate, color=colour, label=family if first else None)
-        label = r['config'] + (f" ({r['input_size']} px)" if input_size is None and r['input_size'] != 224 else '')
-        ax.annotate(label, (gmacs, rate), textcoords='offset points', xytext=(4, 4 if i % 2 else -10), fontsize=7,
-                    color=colour)
-    ok = [r for r in results if 'error' not in r]
-    if ok:
-        r = ok[0]
-        ax.set_title(f"{r['mode']}, {r['device_name'][:40]}, batch {r['batch_size']}, fp32 + amp {r['amp']}, "
-                     f"threads {r['threads']}, torch {r.get('torch', '?')}", fontsize=8)
-        ax.legend(fontsize=8)
-    ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.set_xlabel('GMACs per image (flops.py, fvcore convention, model as measured)')
-    ax.set_ylabel('img/s (median of runs)')
-    ax.grid(True, which='both', alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------------------- CLI
 
 def get_parser() -> argparse.ArgumentParser:
@@ -351,10 +332,13 @@ def get_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument('--config', help='JSON config')
     what.add_argument('--all', action='store_true', help='every config in --config-dir')
-    p.add_argument('--config-dir', '--config_dir', default=CONFIG_DIR)
+    p.add_argument('--config-dir', '--config_dir', default=builders.CONFIG_DIR, help='where --all looks')
     p.add_argument('--mode', default='infer', help='infer | train')
     p.add_argument('--batch-size', '--batch_size', type=int, default=None, help='default: 32 on CPU, 128 on CUDA')
-    p.add_argument('--input-size', '--input_size', type=int, default=None, help="default: the config's")
+    p.add_argument('--input-size', '--input_size', type=int, default=None, help="default: the config's, else the "
+                                                                                 "model's")
+    p.add_argument('--token-reduction', '--token_reduction', type=options.parse_token_reduction,
+                   default=argparse.SUPPRESS, help="override the config's token reduction: a JSON object, or null")
     p.add_argument('--amp', default='none', help='bf16 | fp16 | none (autocast dtype)')
     p.add_argument('--channels-last', '--channels_last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the model(s); warm-up includes compiling')
@@ -365,8 +349,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU intra-op threads)')
     p.add_argument('--clean-ratio', '--clean_ratio', type=float, default=0.9,
                    help='CPU: an iteration is clean when CPU time / wall >= this x threads')
-    p.add_argument('--vs', default=None, help='timm:NAME or a config path, measured interleaved with ours')
-    p.add_argument('--plot', default=None, help='PNG: GMACs against img/s, one labelled point per model')
+    p.add_argument('--vs', default=None, help='plain (the config without token reduction), timm:NAME or a config '
+                                              'path, measured interleaved with ours')
     p.add_argument('--json', action='store_true', help='JSON: one object (--config) or a list (--all)')
     return p
 
@@ -403,12 +387,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = get_parser().parse_args(argv)
         device = _check(args)
+        overrides = [] if args.input_size is None else ['--input-size', str(args.input_size)]
+        if 'token_reduction' in vars(args):
+            overrides += ['--token-reduction', json.dumps(args.token_reduction)]
         if args.all:
-            import flops
             results = []
-            for path in flops.all_configs(args.config_dir):
+            for path in builders.config_files(args.config_dir):
                 try:
-                    results.append(benchmark(path, args, device))
+                    results.append(benchmark(path, args, device, overrides))
                 except UserError as e:
                     results.append(dict(config=os.path.splitext(os.path.basename(path))[0], config_path=path,
                                         error=str(e)))
@@ -417,13 +403,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # with --json, stdout holds only the JSON list; progress goes to stderr
                 print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
         else:
-            results = [benchmark(args.config, args, device)]
+            results = [benchmark(args.config, args, device, overrides)]
             if not args.json:
                 print(format_result(results[0]))
-        if args.plot:
-            plot(results, args.plot, args.input_size)
-            if not args.json:
-                print(f'plot written to {args.plot}')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

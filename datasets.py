@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
@@ -139,26 +138,25 @@ def digits_split(is_train: bool, size: int):
 
 
 def build_transform(is_train: bool, args):
-    """DeiT's transforms through timm. Images already at ``input_size`` (CIFAR at 32 px, DIGITS) are not resized:
-    training then uses a 4-px padded random crop, evaluation only normalises. Otherwise training uses
-    RandomResizedCrop + flip + RandAugment + random erasing, and evaluation resizes to ``input_size / crop_ratio``
-    and centre-crops (CIFAR at 224 takes the 32 -> 256 -> 224 path of HVT's CIFAR-100 recipe)."""
+    """DeiT's transforms through timm's ``create_transform``, with the resolved data config (``args.input_size``,
+    ``interpolation``, ``crop_pct``, ``mean``, ``std``: the model's unless overridden). Images already at
+    ``input_size`` (CIFAR at 32 px, DIGITS) are not resized: training then uses a 4-px padded random crop, evaluation
+    only normalises. Otherwise training uses RandomResizedCrop + flip + RandAugment + random erasing, and evaluation
+    resizes the short side to ``input_size / crop_pct`` and centre-crops (CIFAR at 224 takes the 32 -> 256 -> 224
+    path of HVT's CIFAR-100 recipe)."""
     if args.data_set == 'FAKE':
         return None
     native_size = {'CIFAR': 32, 'CIFAR10': 32, 'DIGITS': args.input_size}.get(args.data_set)
     resize_im = native_size != args.input_size
+    normalise = dict(mean=tuple(args.mean), std=tuple(args.std))
     if is_train:
         transform = create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
             auto_augment=args.aa or None, interpolation=args.train_interpolation, re_prob=args.reprob,
-            re_mode=args.remode, re_count=args.recount)
+            re_mode=args.remode, re_count=args.recount, **normalise)
         if not resize_im:
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform
-    steps = []
-    if resize_im:
-        size = int(args.input_size / args.eval_crop_ratio)
-        steps += [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-                  transforms.CenterCrop(args.input_size)]
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    return transforms.Compose(steps)
+    # crop_pct 1.0 on an image already at input_size: the resize and the crop leave it as it is
+    return create_transform(input_size=args.input_size, is_training=False, interpolation=args.interpolation,
+                            crop_pct=args.crop_pct if resize_im else 1.0, **normalise)

@@ -2,7 +2,8 @@
 import contextlib
 import math
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,34 +22,58 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, loss_scaler=None,
-                    amp_dtype=None, max_norm: Optional[float] = None, model_ema=None, mixup_fn=None,
-                    set_training_mode: bool = True, accum_steps: int = 1, lr_scheduler=None,
-                    num_updates: int = 0, print_freq: int = 10, max_steps: int = 0, channels_last: bool = False):
+@dataclass
+class Optimization:
+    """What an optimizer update uses and changes. ``lr_scheduler`` is stepped per update by the loop when
+    ``step_lr_per_update`` (``--sched-on-updates``), else per epoch by the caller; ``loss_scaler`` is timm's
+    NativeScaler (fp16 only); ``max_norm`` clips the gradient norm; ``model_ema`` is updated after every update."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any = None
+    step_lr_per_update: bool = False
+    loss_scaler: Any = None
+    max_norm: Optional[float] = None
+    accum_steps: int = 1
+    model_ema: Any = None
+
+
+@dataclass
+class LoopOptions:
+    """How a loop runs: device, autocast dtype (None = fp32), channels-last inputs, progress lines every
+    ``print_freq`` steps, at most ``max_steps`` steps per epoch (0 = all), and whether training runs in train mode."""
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    print_freq: int = 10
+    max_steps: int = 0
+    train_mode: bool = True
+
+
+def train_one_epoch(model, criterion, data_loader, opt: Optimization, loop: LoopOptions, epoch: int,
+                    num_updates: int = 0, mixup_fn=None):
     """One epoch. Returns (averaged stats, number of optimizer updates so far).
 
     The loss of every step is summed over ranks before the backward pass, so a NaN/Inf on any rank stops all ranks
-    at the same step (before the weights are touched) with :class:`NonFiniteLossError`. With ``accum_steps > 1`` the
-    gradients of that many batches are accumulated (DDP ``no_sync`` in between) before one optimizer step.
-    ``lr_scheduler`` is stepped per update when given (``--sched-on-updates``); otherwise the caller steps it per epoch.
+    at the same step (before the weights are touched) with :class:`NonFiniteLossError`. With ``opt.accum_steps > 1``
+    the gradients of that many batches are accumulated (DDP ``no_sync`` in between) before one optimizer step.
     """
-    model.train(set_training_mode)
+    device, optimizer, accum_steps = loop.device, opt.optimizer, opt.accum_steps
+    model.train(loop.train_mode)
     logger = utils.MetricLogger()
     header = f'Epoch: [{epoch}]'
-    steps = len(data_loader) if not max_steps else min(max_steps, len(data_loader))
+    steps = len(data_loader) if not loop.max_steps else min(loop.max_steps, len(data_loader))
     world_size = utils.get_world_size()
     optimizer.zero_grad(set_to_none=True)
     start = time.time()
     n_images = 0
-    for step, (samples, targets) in enumerate(logger.log_every(_limit(data_loader, steps), print_freq, header)):
+    for step, (samples, targets) in enumerate(logger.log_every(_limit(data_loader, steps), loop.print_freq, header)):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if channels_last:
+        if loop.channels_last:
             samples = samples.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         need_update = (step + 1) % accum_steps == 0 or step + 1 == steps
-        with autocast(device, amp_dtype):
+        with autocast(device, loop.amp_dtype):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
 
@@ -59,22 +84,22 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         sync = contextlib.nullcontext() if need_update or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
             scaled = loss / accum_steps
-            if loss_scaler is not None:
-                loss_scaler(scaled, optimizer, clip_grad=max_norm, parameters=model.parameters(),
-                            need_update=need_update)
+            if opt.loss_scaler is not None:
+                opt.loss_scaler(scaled, optimizer, clip_grad=opt.max_norm, parameters=model.parameters(),
+                                need_update=need_update)
             else:
                 scaled.backward()
                 if need_update:
-                    if max_norm is not None:
-                        dispatch_clip_grad(model.parameters(), max_norm)
+                    if opt.max_norm is not None:
+                        dispatch_clip_grad(model.parameters(), opt.max_norm)
                     optimizer.step()
         if need_update:
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
-            if model_ema is not None:
-                model_ema.update(getattr(model, 'module', model), step=num_updates)
+            if opt.step_lr_per_update:
+                opt.lr_scheduler.step_update(num_updates=num_updates)
+            if opt.model_ema is not None:
+                opt.model_ema.update(getattr(model, 'module', model), step=num_updates)
 
         n_images += samples.shape[0]
         logger.update(loss=loss_sum / world_size, n=samples.shape[0])
@@ -104,18 +129,19 @@ def _limit(loader, steps: int):
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp_dtype=None, print_freq: int = 10, channels_last: bool = False):
+def evaluate(data_loader, model, loop: LoopOptions):
     """Top-1, top-5 and mean cross-entropy over the whole loader. Sums stay on the device (no host sync per batch)
     and are added over ranks once at the end, so ranks may hold different numbers of samples."""
+    device = loop.device
     model.eval()
     logger = utils.MetricLogger()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, samples
-    for images, target in logger.log_every(data_loader, print_freq, 'Test:'):
+    for images, target in logger.log_every(data_loader, loop.print_freq, 'Test:'):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        if channels_last:
+        if loop.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
+        with autocast(device, loop.amp_dtype):
             output = model(images)
         output = output.float()
         topk = output.topk(min(5, output.shape[1]), dim=1).indices

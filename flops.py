@@ -1,400 +1,101 @@
-"""Parameters and GMACs of a config's model, beside the numbers the seeds publish.
+"""Parameters and GMACs of a config's model, beside the published numbers.
 
-    python flops.py --config config/hvt-s-1.json [--input-size 384] [--detail] [--json | --csv] [--convention C]
+    python flops.py --config config/hvt-s-1.json [--input-size 384] [--token-reduction '<json>'] [--detail]
+                    [--json | --csv] [--convention C]
     python flops.py --all [--json | --csv] [--convention C] [--jobs 2]
 
-Counting policy (shared/DESIGN.md, "FLOPs policy"): published "FLOPs" are multiply-accumulates (MACs) of one image at
-the evaluation resolution, attention matmuls included. We count with fvcore's ``FlopCountAnalysis`` (one fused
-multiply-add = one flop, i.e. MACs) plus a handle for ``aten::scaled_dot_product_attention`` (fvcore skips it), and
-refuse to report a number when any matmul-like op went uncounted. The model is built exactly as training builds it
-(``options.parse_args`` + ``main.build_model``) at the config's class count and resolution, batch 1, eval mode.
-
-The seeds counted with different tools, so a *convention* names what is summed (``--convention``):
-
-- ``fvcore``: fvcore's default handles (conv, linear/matmul/bmm/einsum, LayerNorm/BatchNorm/GroupNorm at fvcore's
-  per-element cost, adaptive average pooling, upsampling) plus attention; what timm's benchmark, DeiT and mmengine
-  (HiViT) report. Reproduces the DeiT, PiT (distilled) and HiViT tables.
-- ``ptflops``: only conv / linear / matmul / attention MACs; norms, pools and element-wise ops are not counted. HVT
-  counted with ptflops <= 0.6.4 plus an attention hook (shared/reference/hvt.md section 3.2); fvcore's LayerNorm term
-  would turn HVT-S-1's 2.402 into 2.407 -> "2.41" against the published 2.40. (ptflops also added conv-bias, one
-  Linear-bias row and max-pool input terms, under 0.0002 G for every HVT model; they are not counted here.)
-- ``pit-paper``: ``fvcore`` on the model's ``<name>_distilled`` twin (two class tokens). The PiT README's FLOPs equal
-  the fvcore counts of the distilled models (0.708 / 1.411 / 2.903 / 12.500 G -> 0.71 / 1.4 / 2.9 / 12.5); the
-  non-distilled models count 0.702 / 1.399 / 2.877 / 12.420 G. That the table reused the distilled numbers is an
-  inference from those counts (shared/reference/pit.md section 3.2), not something the authors state. Parameters are
-  always those of the configured model.
-
-``--all`` counts each published row in the convention of its seed (``--convention`` overrides that for every row); a
-single ``--config`` run uses the seed convention of a config in :data:`PUBLISHED`, else ``fvcore``. The convention
-used is always printed.
+GMACs are multiply-accumulates of one image (batch 1, eval mode) at the evaluation resolution, attention matmuls
+included, counted by ``counting.py`` under a named convention (``counting.CONVENTIONS``). The model is built as
+training builds it (``builders``). Published numbers come from ``data/published.json``: a config with a published row
+at its token-reduction setting is counted in that row's convention unless ``--convention`` says otherwise, any other
+in ``fvcore``. ``--all`` counts every config of ``--config-dir`` and every published row naming a setting no config
+has.
 """
 import argparse
 import csv
 import io
 import json
-import math
 import os
-import re
 import sys
-import warnings
-from collections import Counter
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from decimal import Decimal
+from typing import List, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
+import builders
+import counting
+import models
+import options
+import published
+from counting import UncountedOpError
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-CONFIG_DIR = os.path.join(REPO, 'config')
 
-
-# ---------------------------------------------------------------------------------------------------- published numbers
 
 @dataclass(frozen=True)
-class Published:
-    """One row of a seed's table: GMACs and params (millions) as printed (strings keep the printed precision)."""
-    family: str
-    gmacs: str
-    params_m: Optional[str]
-    convention: str
-    source: str
-    resolution: int = 224
-    num_classes: int = 1000
-    note: str = ''
+class Job:
+    """One thing to count: a config file, or a published row without one (model + setting), plus flag overrides."""
+    config_path: Optional[str]
+    argv: Sequence[str] = ()
+    num_classes: Optional[int] = None
+    label: Optional[str] = None
 
-
-_HVT = 'HVT README (seed 000), "FLOPs (G)" / "Params (M)"; ptflops 0.6.4 + attention hook'
-_PIT = 'PiT README (seed 002), main table "FLOPs" / "# params"'
-_PIT_D = 'PiT README (seed 002), pretrained-weights table "FLOPs" (no params given for distilled models)'
-_DEIT = 'PiT README (seed 002), DeiT rows of the main table'
-_HIVIT = 'HiViT README (seed 001), mmpretrain table "Params (M)" / "Flops (G)"; mmengine counter, backbone + neck'
-_PIT_TI_PARAMS = ('params: exact 4,847,272 = 4.8 M at one decimal; the seed prints 4.9, i.e. double rounding '
-                  '4.847 -> 4.85 -> 4.9 (shared/reference/pit.md section 3.2)')
-
-PUBLISHED: Dict[str, Published] = {
-    'hvt-ti-1': Published('HVT', '0.64', '5.74', 'ptflops', _HVT),
-    'hvt-s-0': Published('HVT', '4.57', '22.05', 'ptflops', _HVT),
-    'hvt-s-1': Published('HVT', '2.40', '22.09', 'ptflops', _HVT),
-    'hvt-s-2': Published('HVT', '1.94', '22.11', 'ptflops', _HVT),
-    'hvt-s-3': Published('HVT', '1.62', '22.11', 'ptflops', _HVT),
-    'hvt-s-4': Published('HVT', '1.39', '22.12', 'ptflops', _HVT),
-    'scale-hvt-ti-4': Published('HVT', '1.39', '22.12', 'ptflops', _HVT),
-    'deit-ti': Published('DeiT', '1.3', '5.7', 'fvcore', _DEIT),
-    'deit-s': Published('DeiT', '4.6', '22.1', 'fvcore', _DEIT),
-    'deit-b': Published('DeiT', '17.6', '86.6', 'fvcore', _DEIT),
-    'pit-ti': Published('PiT', '0.71', '4.9', 'pit-paper', _PIT, note=_PIT_TI_PARAMS),
-    'pit-xs': Published('PiT', '1.4', '10.6', 'pit-paper', _PIT),
-    'pit-s': Published('PiT', '2.9', '23.5', 'pit-paper', _PIT),
-    'pit-b': Published('PiT', '12.5', '73.8', 'pit-paper', _PIT),
-    'pit-ti-distilled': Published('PiT', '0.71', None, 'fvcore', _PIT_D),
-    'pit-xs-distilled': Published('PiT', '1.4', None, 'fvcore', _PIT_D),
-    'pit-s-distilled': Published('PiT', '2.9', None, 'fvcore', _PIT_D),
-    'pit-b-distilled': Published('PiT', '12.5', None, 'fvcore', _PIT_D),
-    'hivit-tiny': Published('HiViT', '4.60', '19.18', 'fvcore', _HIVIT),
-    'hivit-small': Published('HiViT', '9.07', '37.53', 'fvcore', _HIVIT),
-    'hivit-base': Published('HiViT', '18.47', '79.05', 'fvcore', _HIVIT),
-}
-
-# ---------------------------------------------------------------------------------------------------------- conventions
-
-CONVENTIONS: Dict[str, str] = {
-    'fvcore': 'fvcore default handles (conv, linear/matmul, norms at fvcore cost, adaptive avg-pool) + attention '
-              'matmuls; as timm, DeiT, mmengine',
-    'ptflops': 'conv/linear/matmul/attention MACs only, norms and pools not counted; as HVT (ptflops 0.6.4 + '
-               'attention hook)',
-    'pit-paper': 'fvcore on the <model>_distilled twin (two class tokens), as the PiT table (inferred, '
-                 'pit.md section 3.2)',
-}
-# op set each convention counts with (pit-paper differs in which model is counted, not in the op set)
-_OP_SET = {'fvcore': 'fvcore', 'ptflops': 'ptflops', 'pit-paper': 'fvcore'}
-
-# fvcore default handles that are not multiply-accumulates of a matmul or conv
-_NON_MATMUL_HANDLES = ('aten::batch_norm', 'aten::group_norm', 'aten::layer_norm', 'aten::instance_norm',
-                       'aten::upsample_nearest2d', 'aten::upsample_bilinear2d', 'aten::adaptive_avg_pool2d',
-                       'aten::grid_sampler')
-# ops that are (or may hide) multiply-accumulates; uncounted, they make the count wrong, so counting stops
-_MATMUL_LIKE = re.compile(r'mm|matmul|linear|conv|einsum|scaled_dot_product|attention|tensordot|addmv|::mv$|::dot$'
-                          r'|::vdot$|::inner$|::outer$|::ger$|::kron$|PythonOp', re.IGNORECASE)
-_ATTENTION_OPS = ('scaled_dot_product_attention', 'matmul', 'bmm', 'einsum')
-
-
-class UncountedOpError(RuntimeError):
-    """A matmul-like op had no counting handle, so the total would be too low."""
-
-
-def _prod(values: Sequence[int]) -> int:
-    return int(math.prod(int(v) for v in values))
-
-
-def sdpa_flop_jit(inputs, outputs) -> int:
-    """MACs of ``scaled_dot_product_attention(q, k, v, attn_mask, ...)``: q @ k^T (B.heads.Nq.Nk.D) plus
-    attn @ v (B.heads.Nq.Nk.Dv). The optional ``attn_mask`` is an element-wise add and, like softmax and the scale,
-    not counted. Grouped-query attention counts per query head."""
-    from fvcore.nn.jit_handles import get_shape
-    q, k, v = (get_shape(inputs[i]) for i in range(3))
-    return _prod(q[:-1]) * int(k[-2]) * (int(q[-1]) + int(v[-1]))
-
-
-_SDPA_OPS = ('aten::scaled_dot_product_attention', 'aten::_scaled_dot_product_attention_math',
-             'aten::_scaled_dot_product_flash_attention', 'aten::_scaled_dot_product_flash_attention_for_cpu',
-             'aten::_scaled_dot_product_efficient_attention', 'aten::_scaled_dot_product_cudnn_attention')
-
-
-def _analysis(model: nn.Module, inputs: torch.Tensor, op_set: str):
-    from fvcore.nn import FlopCountAnalysis
-    analysis = FlopCountAnalysis(model, inputs)
-    analysis.set_op_handle(**{name: sdpa_flop_jit for name in _SDPA_OPS})
-    if op_set == 'ptflops':
-        # set_op_handle(name, None) alone would keep the default handle (fvcore checks handles before ignores)
-        from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-        kept = {name: h for name, h in _DEFAULT_SUPPORTED_OPS.items() if name not in _NON_MATMUL_HANDLES}
-        analysis.clear_op_handles()
-        analysis.set_op_handle(**kept, **{name: sdpa_flop_jit for name in _SDPA_OPS})
-        analysis.set_op_handle(**{name: None for name in _NON_MATMUL_HANDLES})
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    analysis.tracer_warnings('none')
-    return analysis
-
-
-def _input(input_size: Union[int, Sequence[int]], device='cpu') -> torch.Tensor:
-    if isinstance(input_size, int):
-        input_size = (3, input_size, input_size)
-    return torch.randn(1, *input_size, device=device)
-
-
-def _check_convention(convention: str) -> None:
-    if convention not in CONVENTIONS:
-        raise UserError(f"unknown convention '{convention}'; use one of {', '.join(CONVENTIONS)}")
-
-
-def analyze(model: nn.Module, input_size: Union[int, Sequence[int]], convention: str = 'fvcore'):
-    """Run fvcore on ``model`` (eval mode, batch 1, no grad) and return the analysis after checking that every
-    matmul-like op was counted (raises :class:`UncountedOpError` naming the op otherwise)."""
-    _check_convention(convention)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            analysis = _analysis(model, _input(input_size, _device_of(model)), _OP_SET[convention])
-            analysis.total()  # runs the trace
-            unsupported = analysis.unsupported_ops()
-    finally:
-        model.train(was_training)
-    uncounted = sorted(op for op in unsupported if _MATMUL_LIKE.search(op))
-    if uncounted:
-        raise UncountedOpError(
-            f"uncounted matmul-like op{'s' if len(uncounted) > 1 else ''} "
-            f"{', '.join(f'{op} (x{unsupported[op]})' for op in uncounted)} in {type(model).__name__}: the MAC "
-            f"count would be too low; add an fvcore handle for it in flops.py")
-    return analysis
-
-
-def _device_of(model: nn.Module):
-    for p in model.parameters():
-        return p.device
-    return torch.device('cpu')
-
-
-def count_macs(model: nn.Module, input_size: Union[int, Sequence[int]],
-               convention: str = 'fvcore') -> Tuple[int, Dict[str, int]]:
-    """MACs of one image (batch 1) and MACs per module name ('' = whole model) under ``convention``'s op set.
-
-    ``pit-paper`` counts the model it is given with the fvcore op set; choosing the distilled twin is the caller's
-    part (:func:`report` builds it with :func:`twin_name`)."""
-    analysis = analyze(model, input_size, convention)
-    return int(analysis.total()), {name: int(v) for name, v in analysis.by_module().items()}
-
-
-def params(model: nn.Module) -> Tuple[int, int]:
-    """(total, trainable) parameter counts, exact."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return int(total), int(trainable)
-
-
-# ----------------------------------------------------------------------------------------------------------- per block
-
-def _is_unit(module: nn.Module) -> bool:
-    """A block-like module reported on its own line by --detail: our ``Block`` subclasses, and any non-torch module
-    whose class name ends in Block, Merge or Pooling (HiViT stem blocks and merges, PiT pooling)."""
-    from models.layers import Block
-    if isinstance(module, Block):
-        return True
-    cls = type(module)
-    return not cls.__module__.startswith('torch.') and re.search(r'(Block|Merge|Pooling)$', cls.__name__) is not None
-
-
-def _tokens(t) -> Tuple[Optional[int], Optional[int]]:
-    """(tokens, width) of a block input/output: (B, N, C) sequences, (B, C, H, W) maps, (B, N, s, s, C) unit grids."""
-    if isinstance(t, (tuple, list)) and t:
-        t = t[0]
-    if not torch.is_tensor(t) or t.dim() < 3:
-        return None, None
-    if t.dim() == 3:
-        return int(t.shape[1]), int(t.shape[2])
-    if t.dim() == 4:
-        return int(t.shape[2] * t.shape[3]), int(t.shape[1])
-    return _prod(t.shape[1:-1]), int(t.shape[-1])
-
-
-def block_shapes(model: nn.Module, input_size: Union[int, Sequence[int]]) -> List[dict]:
-    """Block-like modules in execution order with their input and output token counts (forward hooks, batch 1)."""
-    names = {}
-    units = []
-    for name, module in model.named_modules():
-        if _is_unit(module) and not any(name.startswith(parent + '.') for parent in units):
-            units.append(name)
-            names[module] = name
-    seen: List[dict] = []
-    hooks = []
-
-    def hook(module, args, output):
-        n_in, c_in = _tokens(args[0] if args else None)
-        n_out, c_out = _tokens(output)
-        seen.append(dict(name=names[module], type=type(module).__name__, tokens_in=n_in, dim_in=c_in,
-                         tokens_out=n_out, dim_out=c_out))
-
-    for module in names:
-        hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(_input(input_size, _device_of(model)))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def detail(model: nn.Module, input_size, convention: str) -> dict:
-    """Per top-level module, per operator, per block (with token counts and the attention-matmul part) and per stage
-    (a run of consecutive blocks with the same input token count and width)."""
-    analysis = analyze(model, input_size, convention)
-    by_module = analysis.by_module()
-    by_mod_op = analysis.by_module_and_operator()
-    blocks = []
-    for unit in block_shapes(model, input_size):
-        ops = by_mod_op.get(unit['name'], Counter())
-        unit['macs'] = int(by_module.get(unit['name'], 0))
-        unit['attn_macs'] = int(sum(ops.get(op, 0) for op in _ATTENTION_OPS))
-        blocks.append(unit)
-    stages = []
-    for unit in blocks:
-        key = (unit['tokens_in'], unit['dim_in'])
-        if stages and (stages[-1]['tokens_in'], stages[-1]['dim_in']) == key:
-            stage = stages[-1]
-        else:
-            stage = dict(stage=len(stages), tokens_in=key[0], dim_in=key[1], blocks=[], macs=0, attn_macs=0)
-            stages.append(stage)
-        stage['blocks'].append(unit['name'])
-        stage['macs'] += unit['macs']
-        stage['attn_macs'] += unit['attn_macs']
-    top = {name: int(by_module.get(name, 0)) for name, child in model.named_children()
-           if by_module.get(name, 0) or any(True for _ in child.parameters())}
-    operators = {k: int(v) for k, v in analysis.by_operator().items()}
-    return dict(total=int(analysis.total()), modules=top, operators=operators, stages=stages, blocks=blocks)
-
-
-# ------------------------------------------------------------------------------------------------------------ reports
 
 def config_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def build(config_path: str, input_size: Optional[int] = None, model_name: Optional[str] = None):
-    """(args, model) built exactly as main.py builds it for training, from a config (plus overrides)."""
-    import datasets
-    import main as train_main
-    import options
-    argv = ['--config', config_path]
-    if input_size is not None:
-        argv += ['--input-size', str(input_size)]
-    args = options.parse_args(argv)
-    if model_name is not None:
-        args.model = model_name
-    model = train_main.build_model(args, datasets.num_classes_of(args))
-    return args, model.eval()
-
-
-def twin_name(model_name: str) -> str:
-    """The distilled twin ``pit-paper`` counts: ``<name>_distilled`` (a distilled model is its own twin)."""
-    import models
-    if model_name.endswith('_distilled'):
+def twin_name(model_name: str, suffix: str) -> str:
+    """The twin a convention counts (``pit-paper``: ``<name>_distilled``; a distilled model is its own twin)."""
+    if model_name.endswith(suffix):
         return model_name
-    twin = f'{model_name}_distilled'
+    twin = f'{model_name}{suffix}'
     if twin not in models.list_models():
-        raise UserError(f"convention 'pit-paper' counts the distilled twin of a model, and '{model_name}' has none "
+        raise UserError(f"this convention counts the '{suffix}' twin of a model, and '{model_name}' has none "
                         f"('{twin}' is not a registered model); use --convention fvcore or ptflops")
     return twin
 
 
-def _round(value: Decimal, decimals: int) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
-
-
-def _decimals(printed: str) -> int:
-    return len(printed.split('.')[1]) if '.' in printed else 0
-
-
-def _compare(exact_units: Decimal, printed: Optional[str]) -> Tuple[Optional[float], Optional[bool]]:
-    if printed is None:
-        return None, None
-    diff = float(exact_units - Decimal(printed))
-    return round(diff, 4), _round(exact_units, _decimals(printed)) == Decimal(printed)
-
-
-# MACs of a counted architecture (name, model kwargs, input size, classes, op set): pit-b under pit-paper and
-# pit-b-distilled count the same network
-_MAC_CACHE: Dict[tuple, int] = {}
-
-
-def default_convention(config: str) -> str:
-    row = PUBLISHED.get(config)
-    return row.convention if row else 'fvcore'
-
-
-def report(config_path: str, input_size: Optional[int] = None, convention: Optional[str] = None,
+def report(job: Job, table: List[published.Published], convention: Optional[str] = None,
            with_detail: bool = False) -> dict:
-    """Count one config: params (total, trainable), MACs under ``convention`` (default: the seed's, else fvcore) and
-    the comparison with the published row when the resolution and class count match the seed's."""
-    name = config_name(config_path)
-    convention = convention or default_convention(name)
-    _check_convention(convention)
-    args, model = build(config_path, input_size)
-    num_classes = getattr(model, 'num_classes', None)
-    counted_name = twin_name(args.model) if convention == 'pit-paper' else args.model
-    key = (counted_name, json.dumps(args.model_kwargs, sort_keys=True), args.input_size, num_classes,
-           _OP_SET[convention])
+    """Count one job: params (total, trainable), MACs under ``convention`` (default: the published row's, else
+    fvcore) and the comparison with the published row when the resolution and class count are the published ones."""
+    args = builders.load_args(job.config_path, job.argv)
+    model = builders.build_model(args, job.num_classes).eval()
+    name = config_name(job.config_path) if job.config_path else None
+    spec = args.token_reduction
+    pub = published.find(table, name, args.model, spec)
+    convention = convention or (pub.convention if pub else 'fvcore')
+    rule = counting.CONVENTIONS[convention]
+    counted_name = twin_name(args.model, rule.twin_suffix) if rule.twin_suffix else args.model
+    counted = model if counted_name == args.model else \
+        builders.build_model(args, job.num_classes, model_name=counted_name).eval()
     details = None
-    if key not in _MAC_CACHE or with_detail:
-        counted = model if counted_name == args.model else build(config_path, input_size, counted_name)[1]
-        if with_detail:
-            details = detail(counted, args.input_size, convention)
-            _MAC_CACHE[key] = details.pop('total')
-        else:
-            _MAC_CACHE[key] = count_macs(counted, args.input_size, convention)[0]
-    macs = _MAC_CACHE[key]
-    total, trainable = params(model)
-    row = dict(config=name, config_path=os.path.relpath(config_path, REPO) if os.path.isabs(config_path)
-               else config_path, model=args.model, counted_model=counted_name, input_size=args.input_size,
-               num_classes=num_classes, batch=1, params=total, trainable_params=trainable,
-               params_m=round(total / 1e6, 3), macs=macs, gmacs=round(macs / 1e9, 4), convention=convention,
-               convention_description=CONVENTIONS[convention])
-    pub = PUBLISHED.get(name)
+    if with_detail:
+        details = counting.detail(counted, args.input_size, convention)
+        macs = details.pop('total')
+    else:
+        macs = counting.count_macs(counted, args.input_size, convention)[0]
+    total, trainable = counting.count_params(model)
+    num_classes = getattr(model, 'num_classes', None)
+    config_path = job.config_path
+    if config_path and os.path.isabs(config_path):
+        config_path = os.path.relpath(config_path, REPO)
+    row = dict(config=name, config_path=config_path, model=args.model, token_reduction=spec,
+               counted_model=counted_name, input_size=args.input_size, num_classes=num_classes, batch=1,
+               params=total, trainable_params=trainable, params_m=round(total / 1e6, 3), macs=macs,
+               gmacs=round(macs / 1e9, 4), convention=convention, convention_description=rule.description)
+    if job.label:
+        row['label'] = job.label
     comparable = pub is not None and args.input_size == pub.resolution and num_classes == pub.num_classes
     row.update(published_gmacs=float(pub.gmacs) if comparable else None,
                published_params_m=float(pub.params_m) if comparable and pub.params_m else None,
                published_source=pub.source if pub else None, published_convention=pub.convention if pub else None,
-               published_note=(pub.note or None) if pub else None)
-    gdiff, gmatch = _compare(Decimal(macs) / Decimal(10) ** 9, pub.gmacs if comparable else None)
-    pdiff, pmatch = _compare(Decimal(total) / Decimal(10) ** 6, pub.params_m if comparable else None)
+               published_note=pub.note if pub else None)
+    gdiff, gmatch = published.compare(Decimal(macs) / Decimal(10) ** 9, pub.gmacs if comparable else None)
+    pdiff, pmatch = published.compare(Decimal(total) / Decimal(10) ** 6, pub.params_m if comparable else None)
     row.update(gmacs_diff=gdiff, params_m_diff=pdiff, gmacs_match=gmatch, params_match=pmatch)
     if pub is not None and not comparable:
         row['published_note'] = (f'not compared: published at {pub.resolution} px and {pub.num_classes} classes, '
@@ -404,39 +105,62 @@ def report(config_path: str, input_size: Optional[int] = None, convention: Optio
     return row
 
 
-def all_configs(config_dir: str = CONFIG_DIR) -> List[str]:
-    if not os.path.isdir(config_dir):
-        raise UserError(f"config folder '{config_dir}' not found")
-    return sorted(os.path.join(config_dir, f) for f in os.listdir(config_dir) if f.endswith('.json'))
-
-
-def _report_or_error(path: str, input_size, convention, with_detail) -> dict:
+def _setting(config_path: str) -> str:
+    """A config's token-reduction setting as canonical JSON ('null' when absent; a broken config reports its own
+    error when it is counted)."""
     try:
-        return report(path, input_size, convention, with_detail)
+        return json.dumps(options.load_json_config(config_path).get('token_reduction'), sort_keys=True)
+    except UserError:
+        return 'null'
+
+
+def all_jobs(config_dir: str, table: List[published.Published], argv: Sequence[str],
+             token_reduction_given: bool) -> List[Job]:
+    """Every config of ``config_dir``, then every published row whose setting no config has (a config at another
+    token-reduction setting, or a model). With ``--token-reduction`` given, the configs only, at that setting."""
+    paths = builders.config_files(config_dir)
+    jobs = [Job(p, tuple(argv)) for p in paths]
+    if token_reduction_given:
+        return jobs
+    counted = {(config_name(p), _setting(p)) for p in paths}
+    by_name = {config_name(p): p for p in paths}
+    for row in table:
+        setting = json.dumps(row.token_reduction, sort_keys=True)
+        row_argv = (*argv, '--token-reduction', setting)
+        if row.config is None:
+            size = () if '--input-size' in argv else ('--input-size', str(row.resolution))
+            jobs.append(Job(None, ('--model', row.model, *size, *row_argv), row.num_classes, row.label))
+        elif row.config in by_name and (row.config, setting) not in counted:
+            jobs.append(Job(by_name[row.config], row_argv, label=f'{row.config} {setting}'))
+    return jobs
+
+
+def _report_or_error(job: Job, table, convention, with_detail) -> dict:
+    try:
+        return report(job, table, convention, with_detail)
     except (UserError, UncountedOpError) as e:
-        return dict(config=config_name(path), config_path=path, error=str(e),
-                    error_kind='uncounted_op' if isinstance(e, UncountedOpError) else 'user')
+        row = dict(config=config_name(job.config_path) if job.config_path else None, config_path=job.config_path,
+                   error=str(e), error_kind='uncounted_op' if isinstance(e, UncountedOpError) else 'user')
+        if job.label:
+            row['label'] = job.label
+        return row
 
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def report_all(config_dir: str = CONFIG_DIR, input_size: Optional[int] = None, convention: Optional[str] = None,
-               with_detail: bool = False, jobs: int = 1) -> List[dict]:
-    """One :func:`report` per config in ``config_dir`` (published rows without a config are skipped), in file name
-    order. A row that cannot be counted carries ``error`` instead of numbers. ``jobs > 1`` counts in that many
-    processes of one thread each."""
-    if convention is not None:
-        _check_convention(convention)
-    paths = all_configs(config_dir)
-    if jobs <= 1 or len(paths) <= 1:
-        return [_report_or_error(p, input_size, convention, with_detail) for p in paths]
+def report_all(jobs: List[Job], table, convention: Optional[str] = None, with_detail: bool = False,
+               processes: int = 1) -> List[dict]:
+    """One :func:`report` per job, in order; a row that cannot be counted carries ``error`` instead of numbers.
+    ``processes > 1`` counts in that many processes of one thread each."""
+    if processes <= 1 or len(jobs) <= 1:
+        return [_report_or_error(job, table, convention, with_detail) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(max_workers=min(jobs, len(paths)), mp_context=multiprocessing.get_context('spawn'),
+    with ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=multiprocessing.get_context('spawn'),
                              initializer=_worker_init) as pool:
-        futures = [pool.submit(_report_or_error, p, input_size, convention, with_detail) for p in paths]
+        futures = [pool.submit(_report_or_error, job, table, convention, with_detail) for job in jobs]
         return [f.result() for f in futures]
 
 
@@ -445,6 +169,17 @@ def report_all(config_dir: str = CONFIG_DIR, input_size: Optional[int] = None, c
 CSV_FIELDS = ['config', 'model', 'counted_model', 'input_size', 'num_classes', 'params', 'trainable_params', 'macs',
               'gmacs', 'convention', 'published_gmacs', 'gmacs_diff', 'gmacs_match', 'published_params_m',
               'params_m_diff', 'params_match', 'published_source', 'error']
+
+
+def _name(row: dict) -> str:
+    return row.get('label') or row['config']
+
+
+def _printed(row: dict, table) -> Optional[published.Published]:
+    """The published row a result was compared with (for its numbers as printed)."""
+    if row.get('published_gmacs') is None:
+        return None
+    return published.find(table, row['config'], row['model'], row['token_reduction'])
 
 
 def to_csv(rows: List[dict]) -> str:
@@ -456,6 +191,13 @@ def to_csv(rows: List[dict]) -> str:
     return out.getvalue()
 
 
+def to_json(rows: List[dict], single: bool) -> str:
+    """The rows as JSON; fvcore's formatted module table of ``--detail`` stays out (it is for the text output)."""
+    rows = [{**r, 'detail': {k: v for k, v in r['detail'].items() if k != 'table'}} if 'detail' in r else r
+            for r in rows]
+    return json.dumps(rows[0] if single else rows, indent=1)
+
+
 def _fmt_match(match: Optional[bool]) -> str:
     return '' if match is None else ('yes' if match else 'NO')
 
@@ -464,20 +206,20 @@ def _fmt_diff(diff: Optional[float]) -> str:
     return '' if diff is None else f'{diff:+.3f}'
 
 
-def format_table(rows: List[dict]) -> str:
+def format_table(rows: List[dict], table) -> str:
     head = ['config', 'model', 'convention', 'input', 'params', 'M', 'pub M', 'diff', 'ok', 'GMACs', 'pub G', 'diff',
             'ok']
     lines = []
     for r in rows:
         if 'error' in r:
-            lines.append([r['config'], 'error: ' + r['error']])
+            lines.append([_name(r), 'error: ' + r['error']])
             continue
+        pub = _printed(r, table)
         model = r['model'] if r['counted_model'] == r['model'] else f"{r['model']} ({r['counted_model']})"
-        lines.append([r['config'], model, r['convention'], str(r['input_size']), f"{r['params']:,}",
-                      f"{r['params'] / 1e6:.3f}", '' if r['published_params_m'] is None else
-                      _published(r, 'params_m'), _fmt_diff(r['params_m_diff']), _fmt_match(r['params_match']),
-                      f"{r['gmacs']:.4f}", '' if r['published_gmacs'] is None else _published(r, 'gmacs'),
-                      _fmt_diff(r['gmacs_diff']), _fmt_match(r['gmacs_match'])])
+        lines.append([_name(r), model, r['convention'], str(r['input_size']), f"{r['params']:,}",
+                      f"{r['params'] / 1e6:.3f}", pub.params_m if pub and pub.params_m else '',
+                      _fmt_diff(r['params_m_diff']), _fmt_match(r['params_match']), f"{r['gmacs']:.4f}",
+                      pub.gmacs if pub else '', _fmt_diff(r['gmacs_diff']), _fmt_match(r['gmacs_match'])])
     widths = [max(len(head[i]), *(len(l[i]) for l in lines if len(l) == len(head))) for i in range(len(head))]
     text = ['  '.join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     for l in lines:
@@ -485,23 +227,18 @@ def format_table(rows: List[dict]) -> str:
             text.append(f'{l[0].ljust(widths[0])}  {l[1]}')
         else:
             text.append('  '.join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
-    notes = sorted({f"{r['config']}: {r['published_note']}" for r in rows if r.get('published_note')})
+    notes = sorted({f"{_name(r)}: {r['published_note']}" for r in rows if r.get('published_note')})
     text.append('GMACs: multiply-accumulates of one image (fvcore convention: 1 fused multiply-add = 1 flop), '
                 'attention matmuls included; M = params in millions; "ok" = equal to the published number at its '
                 'printed precision.')
-    text += [f'conventions: {name}: {desc}' for name, desc in CONVENTIONS.items()
+    text += [f'conventions: {name}: {rule.description}' for name, rule in counting.CONVENTIONS.items()
              if any(r.get('convention') == name for r in rows)]
     text += [f'note {n}' for n in notes]
     return '\n'.join(text)
 
 
-def _published(row: dict, key: str) -> str:
-    pub = PUBLISHED[row['config']]
-    return pub.gmacs if key == 'gmacs' else pub.params_m
-
-
-def format_report(row: dict) -> str:
-    lines = [f"config        {row['config_path']}",
+def format_report(row: dict, table) -> str:
+    lines = [f"config        {row['config_path'] or row.get('label')}",
              f"model         {row['model']}" + (f"  (counted as {row['counted_model']})"
                                                 if row['counted_model'] != row['model'] else ''),
              f"input size    3x{row['input_size']}x{row['input_size']}, batch 1, {row['num_classes']} classes",
@@ -509,8 +246,10 @@ def format_report(row: dict) -> str:
              f"{row['trainable_params']:,} trainable",
              f"GMACs         {row['gmacs']:.4f} per image ({row['macs']:,} MACs)",
              f"convention    {row['convention']}: {row['convention_description']}"]
-    if row['published_gmacs'] is not None:
-        pub = PUBLISHED[row['config']]
+    if row['token_reduction'] is not None:
+        lines.insert(2, f"reduction     {json.dumps(row['token_reduction'])}")
+    pub = _printed(row, table)
+    if pub is not None:
         params_part = (f", {pub.params_m} M (diff {row['params_m_diff']:+.3f}, "
                        f"{'reproduced' if row['params_match'] else 'NOT reproduced'})") if pub.params_m else ''
         lines.append(f"published     {pub.gmacs} GMACs (diff {row['gmacs_diff']:+.4f}, "
@@ -525,8 +264,7 @@ def format_report(row: dict) -> str:
 
 def format_detail(d: dict) -> str:
     g = lambda v: f'{v / 1e9:.4f}'  # noqa: E731
-    lines = ['', 'by top-level module (GMACs):']
-    lines += [f'  {name:<24} {g(v):>9}' for name, v in d['modules'].items()]
+    lines = ['', "by module (fvcore's flop_count_table; #flops are MACs in this convention):", d['table']]
     lines += ['by operator (GMACs):'] + [f'  {name:<30} {g(v):>9}' for name, v in sorted(d['operators'].items())]
     lines += ['by stage (consecutive blocks with the same input tokens and width):',
               f"  {'stage':>5} {'blocks':>6} {'tokens in':>9} {'width':>6} {'GMACs':>9} {'attn GMACs':>10}"]
@@ -543,15 +281,19 @@ def format_detail(d: dict) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description='Parameters and GMACs (fvcore convention: MACs) of a config, or of every config '
-                            'beside the published numbers.')
+                                   'beside the published numbers.')
     what = p.add_mutually_exclusive_group()
     what.add_argument('--config', help='JSON config (model, input_size, data_set ...)')
-    what.add_argument('--all', action='store_true', help='every config in --config-dir, beside the seed tables')
-    p.add_argument('--config-dir', '--config_dir', default=CONFIG_DIR, help='where --all looks (default: config/)')
+    what.add_argument('--all', action='store_true', help='every config in --config-dir, beside the published numbers')
+    p.add_argument('--config-dir', '--config_dir', default=builders.CONFIG_DIR,
+                   help='where --all looks (default: config/)')
     p.add_argument('--input-size', '--input_size', type=int, default=None, help='override the config resolution')
+    p.add_argument('--token-reduction', '--token_reduction', type=options.parse_token_reduction,
+                   default=argparse.SUPPRESS, help="override the config's token reduction: a JSON object, or null")
     p.add_argument('--convention', default=None,
-                   help=f"{' | '.join(CONVENTIONS)}; default: the seed's for a published config, else fvcore")
-    p.add_argument('--jobs', type=int, default=1, help='--all: count configs in this many processes')
+                   help=f"{' | '.join(counting.CONVENTIONS)}; default: the published row's, else fvcore")
+    p.add_argument('--published', default=published.DATA_FILE, help='published numbers (default: data/published.json)')
+    p.add_argument('--jobs', type=int, default=1, help='--all: count in this many processes')
     p.add_argument('--detail', action='store_true', help='per module, operator, stage and block (token counts)')
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument('--json', action='store_true', help='JSON: one object (--config) or a list (--all)')
@@ -562,18 +304,25 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = get_parser().parse_args(argv)
-        if args.convention is not None:
-            _check_convention(args.convention)
+        if args.convention is not None and args.convention not in counting.CONVENTIONS:
+            raise UserError(f"unknown convention '{args.convention}'; use one of {', '.join(counting.CONVENTIONS)}")
         if not args.all and not args.config:
             raise UserError('give --config PATH or --all')
         if args.input_size is not None and args.input_size < 1:
             raise UserError(f'--input-size must be positive, got {args.input_size}')
+        try:
+            table = published.load(args.published)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        overrides = [] if args.input_size is None else ['--input-size', str(args.input_size)]
+        given = 'token_reduction' in vars(args)
+        if given:
+            overrides += ['--token-reduction', json.dumps(args.token_reduction)]
         if args.all:
-            rows = report_all(args.config_dir, args.input_size, args.convention, args.detail, args.jobs)
+            jobs = all_jobs(args.config_dir, table, overrides, given)
+            rows = report_all(jobs, table, args.convention, args.detail, args.jobs)
         else:
-            if not os.path.isfile(args.config):
-                raise UserError(f"config file '{args.config}' not found")
-            rows = [report(args.config, args.input_size, args.convention, args.detail)]
+            rows = [report(Job(args.config, tuple(overrides)), table, args.convention, args.detail)]
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -581,19 +330,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(rows if args.all else rows[0], indent=1))
+        print(to_json(rows, single=not args.all))
     elif args.csv:
         sys.stdout.write(to_csv(rows))
     elif args.all:
-        print(format_table(rows))
+        print(format_table(rows, table))
         for row in rows:
             if 'detail' in row:
-                print(f"\n== {row['config']}" + format_detail(row['detail']))
+                print(f"\n== {_name(row)}" + format_detail(row['detail']))
     else:
-        print(format_report(rows[0]))
+        print(format_report(rows[0], table))
     errors = [r for r in rows if 'error' in r]
     for r in errors:
-        print(f"error: {r['config']}: {r['error']}", file=sys.stderr)
+        print(f"error: {_name(r) or r['config_path']}: {r['error']}", file=sys.stderr)
     if any(r.get('error_kind') == 'uncounted_op' for r in errors):
         return 1
     return 2 if errors else 0

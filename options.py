@@ -11,12 +11,19 @@ import json
 import os
 from typing import List, Optional, Tuple
 
+from timm.data import resolve_data_config
+
 import models
 from utils import ArgumentParser, UserError
 
 # model constructor arguments that main.py sets itself from its own options
 MANAGED_MODEL_ARGS = {'img_size': 'input_size', 'num_classes': 'data_set', 'drop_rate': 'drop',
                       'drop_path_rate': 'drop_path'}
+# config keys of earlier versions (and of DeiT) -> the option they now set
+CONFIG_KEY_ALIASES = {'eval_crop_ratio': 'crop_pct'}
+# the evaluation preprocessing a model registers (models.data_config); each option overrides one field
+DATA_CONFIG_OPTIONS = ('input_size', 'interpolation', 'crop_pct', 'mean', 'std')
+INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'lanczos', 'box', 'hamming')
 
 
 def _add(parser, name: str, *aliases: str, **kwargs):
@@ -53,7 +60,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     g = p.add_argument_group('model')
     _add(g, 'model', type=str, default='deit_small', help=f'one of: {", ".join(models.list_models())}')
-    _add(g, 'input_size', type=int, default=224)
+    _add(g, 'input_size', type=int, default=None, help="also the model's img_size; default: the model's (224 for "
+                                                       "DeiT, HVT, PiT, HiViT)")
+    _add(g, 'token_reduction', type=parse_token_reduction, default=None,
+         help='token reduction applied to the model at inference: a JSON object such as \'{"method": "tome", '
+              '"r": 8}\', or null for the plain model')
     _add(g, 'drop', type=float, default=0.0, help='dropout rate')
     _add(g, 'drop_path', type=float, default=0.1, help='stochastic depth rate')
     _add(g, 'finetune', type=str, default='', help='initial weights: ours or an upstream layout (head dropped if '
@@ -113,7 +124,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group('data')
     _add(g, 'data_set', type=str, default='IMNET', choices=['IMNET', 'CIFAR', 'CIFAR10', 'DIGITS', 'FAKE'])
     _add(g, 'data_path', type=str, default='')
-    _add(g, 'eval_crop_ratio', type=float, default=0.875)
+    _add(g, 'crop_pct', '--eval-crop-ratio', '--eval_crop_ratio', type=float, default=None,
+         help="evaluation: resize to input_size / crop_pct, centre crop; default: the model's (0.875)")
+    _add(g, 'interpolation', type=str, default=None, choices=INTERPOLATIONS,
+         help="evaluation resize interpolation; default: the model's (bicubic)")
+    _add(g, 'mean', type=float, nargs='+', default=None, help="normalisation mean (1 or 3 numbers); default: the "
+                                                              "model's (ImageNet)")
+    _add(g, 'std', type=float, nargs='+', default=None, help="normalisation std (1 or 3 numbers); default: the "
+                                                             "model's (ImageNet)")
     _add(g, 'num_workers', type=int, default=10)
     _add(g, 'pin_mem', action=on_off, default=True)
     _add(g, 'persistent_workers', action=on_off, default=True)
@@ -161,6 +179,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         config = load_json_config(args.config)
         actions = {a.dest: a for a in get_args_parser()._actions}
         for key, value in config.items():
+            key = CONFIG_KEY_ALIASES.get(key, key)
             if key in actions and key != 'config':
                 if key not in explicit:
                     setattr(args, key, _coerce(actions[key], key, value, args.config))
@@ -171,6 +190,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     _check_model_kwargs(args.model, cli_model_kwargs, '')
     model_kwargs.update(cli_model_kwargs)
     args.model_kwargs = model_kwargs
+    _resolve_data_config(args)
     if not args.output_dir and args.exp_name:
         args.output_dir = os.path.join('outputs', args.exp_name)
     _check_values(args)
@@ -191,10 +211,46 @@ def load_json_config(path: str) -> dict:
     return config
 
 
+def parse_token_reduction(text: str) -> Optional[dict]:
+    """The value of ``--token-reduction``: a JSON object (method and parameters) or ``null`` (the plain model)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e.msg} at column {e.colno}): {text!r}') from None
+    if value is not None and not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'must be a JSON object such as \'{{"method": "tome", "r": 8}}\' or null, '
+                                         f'got {text!r}')
+    return value
+
+
+def _resolve_data_config(args) -> None:
+    """Fill the data-config options the user left unset from the model's registered data config (timm's
+    ``resolve_data_config`` does the merge, as for timm's ``pretrained_cfg``)."""
+    for key in ('mean', 'std'):
+        value = getattr(args, key)
+        if value is not None and len(value) not in (1, 3):
+            raise UserError(f'--{key} takes 1 or 3 numbers (one per channel), got {len(value)}')
+    if args.crop_pct is not None and args.crop_pct <= 0:
+        raise UserError(f'--crop-pct must be > 0, got {args.crop_pct}')
+    default = models.data_config(args.model)
+    size = default['input_size']
+    resolved = resolve_data_config(
+        args=dict(img_size=args.input_size, interpolation=args.interpolation, crop_pct=args.crop_pct,
+                  mean=args.mean, std=args.std),
+        pretrained_cfg={**default, 'input_size': (3, size, size)})
+    args.input_size = int(resolved['input_size'][-1])
+    args.interpolation, args.crop_pct = resolved['interpolation'], float(resolved['crop_pct'])
+    args.mean, args.std = [float(v) for v in resolved['mean']], [float(v) for v in resolved['std']]
+
+
 def _coerce(action, key, value, source):
     """Check a JSON value against the option's type and choices."""
     if value is None:
         return None
+    if action.type is parse_token_reduction:
+        if not isinstance(value, dict):
+            raise UserError(f"'{key}' in {source} must be a JSON object or null, got {value!r}")
+        return value
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise UserError(f"'{key}' in {source} must be true or false, got {value!r}")

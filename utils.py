@@ -1,4 +1,4 @@
-"""Distributed helpers, metric logging, seeding, RNG state, atomic checkpoint writes."""
+"""Distributed helpers, metric logging, RNG state, atomic checkpoint writes."""
 import argparse
 import datetime
 import json
@@ -7,6 +7,7 @@ import random
 import subprocess
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import numpy as np
@@ -27,37 +28,55 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------------------------------------- distributed
 
-def init_distributed_mode(args) -> None:
-    """Set ``args.rank``, ``args.world_size``, ``args.local_rank``, ``args.distributed`` and init the process group.
+@dataclass(frozen=True)
+class DistInfo:
+    """What the launcher says about this process. ``device`` is where it computes (``cuda:LOCAL_RANK`` under a
+    launcher on CUDA); ``backend`` is None when the process group was not initialised (a single process)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = 'cpu'
+    backend: Optional[str] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed_mode(device: str, dist_url: str = 'env://', timeout_minutes: int = 30,
+                          local_rank: Optional[int] = None) -> DistInfo:
+    """Find rank, world size and local rank, init the process group when there are several processes, and return
+    what was found (the caller's options are not modified).
 
     Reads torchrun / ``torch.distributed.launch`` variables (RANK, WORLD_SIZE, LOCAL_RANK) first, then SLURM's
     (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR from the node list when unset). A single plain process
-    runs undistributed. Backend: nccl for CUDA, gloo otherwise.
+    runs undistributed. ``local_rank`` is the ``--local-rank`` flag of the legacy launcher (used when LOCAL_RANK is
+    unset). Backend: nccl for CUDA, gloo otherwise.
     """
     env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env:
-        args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
-        args.local_rank = int(env.get('LOCAL_RANK', args.local_rank or 0))
+        rank, world_size = int(env['RANK']), int(env['WORLD_SIZE'])
+        local_rank = int(env.get('LOCAL_RANK', local_rank or 0))
     elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
-        args.local_rank = int(env.get('SLURM_LOCALID', 0))
+        rank, world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        local_rank = int(env.get('SLURM_LOCALID', 0))
         env.setdefault('MASTER_ADDR', _slurm_master_addr())
         env.setdefault('MASTER_PORT', '29500')
-        env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK'] = str(args.rank), str(args.world_size), str(args.local_rank)
+        env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK'] = str(rank), str(world_size), str(local_rank)
     else:
-        args.rank, args.world_size, args.local_rank, args.distributed = 0, 1, 0, False
-        return
-    args.distributed = args.world_size > 1
-    if str(args.device).startswith('cuda'):
-        torch.cuda.set_device(args.local_rank)
-        args.device = f'cuda:{args.local_rank}'
-    if not args.distributed:
-        return
-    backend = 'nccl' if str(args.device).startswith('cuda') else 'gloo'
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=args.dist_timeout))
+        return DistInfo(device=str(device))
+    on_cuda = str(device).startswith('cuda')
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f'cuda:{local_rank}'
+    if world_size == 1:
+        return DistInfo(rank, world_size, local_rank, str(device))
+    backend = 'nccl' if on_cuda else 'gloo'
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(rank == 0)
+    return DistInfo(rank, world_size, local_rank, str(device), backend)
 
 
 def _slurm_master_addr() -> str:
@@ -184,20 +203,7 @@ class MetricLogger:
               f'({total_time / max(total, 1):.4f} s / it)', flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------- seeding
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive numpy/python seeds from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-
+# ----------------------------------------------------------------------------------------------------------- RNG state
 
 def get_rng_state() -> dict:
     """RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""

@@ -41,5 +41,5 @@ if [[ ${BIG:-0} == 1 ]]; then
     vs pit-b timm:pit_b_224
 fi
 echo "measuring every config" >&2
-"$PY" benchmark.py --all "${COMMON[@]}" --plot "$OUT/gmacs_vs_imgs.png" > "$OUT/all.json" || true
-"$PY" benchmarks/table.py "$OUT"/*_vs_*.json "$OUT/all.json"
+"$PY" benchmark.py --all "${COMMON[@]}" > "$OUT/all.json" || true
+"$PY" benchmarks/table.py "$OUT"/*_vs_*.json "$OUT/all.json" --plot "$OUT/gmacs_vs_imgs.png"

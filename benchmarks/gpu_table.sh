@@ -36,5 +36,5 @@ vs pit-b timm:pit_b_224
 vs hvt-s-1 config/deit-s.json
 vs hvt-ti-1 config/deit-ti.json
 echo "measuring every config" >&2
-"$PY" benchmark.py --all "${COMMON[@]}" --plot "$OUT/gmacs_vs_imgs_${MODE}.png" > "$OUT/all_${MODE}.json" || true
-"$PY" benchmarks/table.py "$OUT"/*_vs_*_"${MODE}".json "$OUT/all_${MODE}.json"
+"$PY" benchmark.py --all "${COMMON[@]}" > "$OUT/all_${MODE}.json" || true
+"$PY" benchmarks/table.py "$OUT"/*_vs_*_"${MODE}".json "$OUT/all_${MODE}.json" --plot "$OUT/gmacs_vs_imgs_${MODE}.png"

@@ -1,12 +1,16 @@
-"""Markdown tables from benchmark.py --json outputs.
+"""Markdown tables, and a GMACs-vs-img/s plot, from benchmark.py --json outputs.
 
-    python benchmarks/table.py benchmarks/results/cpu/*.json
+    python benchmarks/table.py benchmarks/results/cpu/*.json [--plot speed.png]
 
 A file holding one object (a --vs run) gives a row of the comparison table; a file holding a list (--all) gives the
-per-config table. Conditions (device, threads, batch, amp, versions) are printed above each table.
+per-config table. Conditions (device, threads, batch, amp, versions) are printed above each table. ``--plot`` draws
+every measured model of the files: its GMACs (recorded by benchmark.py) against its median img/s.
 """
+import argparse
 import json
+import os
 import sys
+from typing import List
 
 
 def _rate(stats: dict) -> str:
@@ -57,19 +61,73 @@ def all_table(rows) -> str:
     return '\n'.join(lines)
 
 
-def main(paths) -> int:
+def _family(config: str) -> str:
+    name = config.split('-')[0]
+    return 'hvt' if name == 'scale' else name
+
+
+def plot(results: List[dict], path: str) -> None:
+    """GMACs (fvcore convention, of the model measured, as benchmark.py records it) against median img/s, log-log,
+    one labelled point per model, one colour per family. Results without GMACs (errors, uncountable models) are
+    left out."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 6))
+    colours = {}
+    shown = [r for r in results if 'error' not in r and r.get('gmacs')]
+    for i, r in enumerate(shown):
+        rate = r['img_per_s']['median']
+        family = _family(r['config'])
+        first = family not in colours
+        colour = colours.setdefault(family, f'C{len(colours)}')
+        ax.scatter(r['gmacs'], rate, color=colour, label=family if first else None)
+        label = r['config'] + (f" ({r['input_size']} px)" if r['input_size'] != 224 else '')
+        ax.annotate(label, (r['gmacs'], rate), textcoords='offset points', xytext=(4, 4 if i % 2 else -10),
+                    fontsize=7, color=colour)
+    if shown:
+        r = shown[0]
+        ax.set_title(f"{r['mode']}, {r['device_name'][:40]}, batch {r['batch_size']}, fp32 + amp {r['amp']}, "
+                     f"threads {r['threads']}, torch {r.get('torch', '?')}", fontsize=8)
+        ax.legend(fontsize=8)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('GMACs per image (fvcore convention, model as measured)')
+    ax.set_ylabel('img/s (median of runs)')
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description='Markdown tables (and a plot) from benchmark.py --json files.')
+    parser.add_argument('paths', nargs='+', help='benchmark.py --json outputs')
+    parser.add_argument('--plot', default=None, help='PNG: GMACs against img/s of every model measured')
+    args = parser.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.plot)) if args.plot else ''
+    if args.plot and not os.path.isdir(folder):
+        print(f"error: --plot {args.plot}: folder '{folder}' does not exist", file=sys.stderr)
+        return 2
     single, lists = [], []
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+    for path in args.paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            print(f'error: cannot read {path}: {e}', file=sys.stderr)
+            return 2
         (lists.extend(data) if isinstance(data, list) else single.append(data))
     if single:
         print(vs_table(single))
     if lists:
         print()
         print(all_table(lists))
+    if args.plot:
+        plot(lists or single, args.plot)
+        print(f'plot written to {args.plot}', file=sys.stderr)
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import clean_state_dict
 
 StateDict = Dict[str, torch.Tensor]
 STATE_DICT_KEYS = ('model', 'state_dict', 'module')
@@ -62,13 +63,7 @@ def extract_state_dict(ckpt: dict, use_ema: bool = False) -> StateDict:
     if not all(torch.is_tensor(v) for v in state_dict.values()):
         raise CheckpointError('checkpoint holds no recognisable state dict (expected tensors under '
                               f'{" / ".join(STATE_DICT_KEYS)} or at the top level)')
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
+    return clean_state_dict(state_dict)
 
 
 def convert_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:

@@ -32,7 +32,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp, resample_abs_pos_embed
+from einops import rearrange
+from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
 
 from .layers import Attention, Block, DropPath, init_vit_weights, trunc_normal_
 from .registry import register_model
@@ -105,10 +106,8 @@ class UnitPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        gh, gw, s = H // self.patch_size, W // self.patch_size, self.inner_patches
-        x = self.proj(x)  # (B, C0, gh*s, gw*s)
-        x = x.reshape(B, -1, gh, s, gw, s).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, s, s, -1)
+        s = self.inner_patches
+        x = rearrange(self.proj(x), 'b c (gh sh) (gw sw) -> b (gh gw) sh sw c', sh=s, sw=s)
         return self.norm(x)
 
 
@@ -209,7 +208,7 @@ class HiViT(nn.Module):
                  norm_eps: float = 1e-5, ape: bool = True, rpe: bool = True, patch_norm: bool = True,
                  fc_norm: bool = False):
         super().__init__()
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_size = to_2tuple(img_size)
         depths = list(depths)
         if not depths:
             raise ValueError('depths needs at least one entry (the main stage)')

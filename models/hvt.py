@@ -11,11 +11,13 @@ Differences from upstream, on purpose: ``pool_stride`` is honoured (upstream har
 means no pooling (HVT-S-0, which upstream cannot express), and the model takes its settings as constructor arguments
 instead of reading global argparse state. With 224 px, patch 16 and kernel 3 the token counts are 196 -> 97 -> 48 -> 23 -> 11.
 """
+import math
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from .layers import Block, PatchEmbed, init_vit_weights, tokens_after_pool, trunc_normal_
 from .registry import register_model
@@ -128,12 +130,11 @@ class HVT(nn.Module):
 
 
 def _resize_grid_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
-    old = int(round(pos.shape[1] ** 0.5))
+    """(1, old*old, C) -> (1, grid[0]*grid[1], C): 2-D bicubic, antialiased (timm's resampling, no class token)."""
+    old = math.isqrt(pos.shape[1])
     if old * old != pos.shape[1]:
         raise ValueError(f'cannot resize a position embedding of {pos.shape[1]} tokens: not a square grid')
-    pos = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    pos = F.interpolate(pos.float(), size=grid, mode='bicubic', align_corners=False, antialias=True)
-    return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[old, old], num_prefix_tokens=0)
 
 
 def _hvt(kwargs: dict, num_heads: int, pool_block_width: int) -> HVT:

@@ -38,6 +38,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 
 from .layers import Block, trunc_normal_
 from .registry import register_model
@@ -47,8 +48,6 @@ __all__ = ['PiT', 'PiTStage', 'ConvHeadPooling', 'ConvEmbedding', 'resize_pos_em
 Size2 = Union[int, Tuple[int, int]]
 
 
-def _pair(size: Size2) -> Tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def conv_out_size(size: int, kernel_size: int, stride: int, padding: int = 0) -> int:
@@ -77,7 +76,7 @@ class ConvEmbedding(nn.Module):
     def __init__(self, img_size: Size2 = 224, patch_size: int = 16, stride: int = 8, in_chans: int = 3,
                  embed_dim: int = 144):
         super().__init__()
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.stride = stride
         self.grid_size = self.output_size(self.img_size)
@@ -86,7 +85,7 @@ class ConvEmbedding(nn.Module):
         self.conv = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=0, bias=True)
 
     def output_size(self, img_size: Size2) -> Tuple[int, int]:
-        h, w = _pair(img_size)
+        h, w = to_2tuple(img_size)
         return conv_out_size(h, self.patch_size, self.stride), conv_out_size(w, self.patch_size, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """benchmark.py: the JSON record of a run (throughput, memory, every condition), train steps that really train, the
-interleaved --vs comparison, the clean-iteration filter and the plot. No wall-clock limits are asserted."""
+interleaved --vs comparison, the clean-iteration filter; benchmarks/table.py's plot. No wall-clock limits are
+asserted."""
 import json
 from types import SimpleNamespace
 
@@ -10,9 +11,12 @@ import torch
 from conftest import run_script
 
 import benchmark
+import counting
 import models
+from benchmarks import table
 
 SMALL = ['--batch-size', '2', '--iters', '2', '--warmup', '1', '--repeats', '2', '--json', '--input-size', '64']
+TINY_RUN = ['--warmup', '0', '--iters', '1', '--repeats', '1', '--batch-size', '1', '--json']
 CONDITIONS = ['mode', 'device', 'device_name', 'dtype', 'amp', 'batch_size', 'input_size', 'threads', 'channels_last',
               'compile', 'warmup', 'iters', 'repeats', 'torch', 'timm', 'python']
 
@@ -37,7 +41,9 @@ def test_single_config_json(mode):
     assert out['threads'] == 1  # conftest's runner sets OMP_NUM_THREADS=1
     assert out['channels_last'] is False and out['compile'] is False
     assert out['torch'] == torch.__version__ and out['timm'] == timm.__version__
-    assert out['params'] == sum(p.numel() for p in models.create_model('hvt_ti_1', img_size=64).parameters())
+    model = models.create_model('hvt_ti_1', img_size=64)
+    assert out['params'] == sum(p.numel() for p in model.parameters())
+    assert out['gmacs'] == round(counting.count_macs(model, 64)[0] / 1e9, 4) and out['token_reduction'] is None
     _check_rate(out, 2)
     assert out['peak_memory_kind'] == 'cpu_peak_rss_process' and out['peak_memory_mb'] > 0
     clean = out['clean']
@@ -62,11 +68,10 @@ def test_vs_timm_reports_a_ratio():
 
 
 def _runner(mode, model=None, **kw):
-    args = SimpleNamespace(mode=mode, amp='none', channels_last=False, compile=False, batch_size=2,
-                           input_size_used=32, **kw)
+    args = SimpleNamespace(mode=mode, amp='none', channels_last=False, compile=False, batch_size=2, **kw)
     model = model or models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8,
                                          num_blocks=2, pool_block_width=1)
-    return benchmark.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000)
+    return benchmark.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000, input_size=32)
 
 
 def test_train_step_updates_weights_with_adamw():
@@ -129,19 +134,68 @@ def test_measure_interleaves_runs(monkeypatch):
     assert [r['model'] for r in results] == ['ours', 'theirs']
 
 
+def test_model_default_input_size_is_measured(tmp_path, monkeypatch, capsys):
+    """Without input_size in the config or on the command line, the model's registered input size is measured."""
+    monkeypatch.setitem(models.registry._DATA_CONFIGS, 'deit_tiny',
+                        {**models.data_config('deit_tiny'), 'input_size': 48})
+    cfg = tmp_path / 'c.json'
+    cfg.write_text(json.dumps({'model': 'deit_tiny'}))
+    code = benchmark.main(['--config', str(cfg), *TINY_RUN])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)['input_size'] == 48
+    code = benchmark.main(['--config', str(cfg), *TINY_RUN, '--input-size', '32'])
+    assert code == 0 and json.loads(capsys.readouterr()[0])['input_size'] == 32
+
+
+def test_vs_plain_times_the_model_without_token_reduction(tmp_path, monkeypatch, capsys):
+    """--vs plain builds the config's model a second time without its token reduction (stubbed here: the spec is
+    recorded and the plain model built) and reports the ratio."""
+    specs = []
+    real = models.create_model
+
+    def create_model(name, token_reduction=None, **kw):
+        specs.append(token_reduction)
+        return real(name, **kw)
+
+    monkeypatch.setattr(models, 'create_model', create_model)
+    spec = {'method': 'tome', 'r': 2}
+    code = benchmark.main(['--config', 'config/deit-ti.json', '--input-size', '32', '--token-reduction',
+                           json.dumps(spec), '--vs', 'plain', *TINY_RUN])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert specs == [spec, None]
+    assert result['token_reduction'] == spec and result['vs']['name'] == 'plain'
+    assert result['vs']['model'] == 'deit_tiny (plain)' and result['vs']['params'] == result['params']
+    assert result['vs']['ratio'] == pytest.approx(result['img_per_s']['median'] / result['vs']['img_per_s']['median'])
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip('matplotlib')
-    results = [dict(config='hvt-ti-1', config_path='config/hvt-ti-1.json', input_size=64, mode='infer',
-                    device_name='cpu', batch_size=2, amp='none', threads=1, img_per_s=dict(median=10.0))]
+    conditions = dict(mode='infer', device_name='cpu', batch_size=2, amp='none', threads=1, input_size=64,
+                      channels_last=False, compile=False, warmup=1, repeats=1, iters=1, torch='2', timm='1')
+    results = [dict(config='hvt-ti-1', model='hvt_ti_1', params=5_000_000, clean=None, gmacs=0.07,
+                    img_per_s=dict(median=10.0, min=9.0, max=11.0), **conditions),
+               dict(config='deit-ti', config_path='config/deit-ti.json', error='cannot build')]
+    (tmp_path / 'all.json').write_text(json.dumps(results))
     path = tmp_path / 'speed.png'
-    benchmark.plot(results, str(path), 64)
+    assert table.main([str(tmp_path / 'all.json'), '--plot', str(path)]) == 0
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_into_a_missing_folder_fails_before_reading(tmp_path, capsys):
+    code = table.main([str(tmp_path / 'not-read-yet.json'), '--plot', str(tmp_path / 'nope' / 'speed.png')])
+    out, err = capsys.readouterr()
+    assert code == 2 and "folder '" in err and 'does not exist' in err and 'not-read-yet' not in err
 
 
 @pytest.mark.parametrize('argv, needle', [
     (['--config', 'config/hvt-ti-1.json', '--mode', 'fly'], '--mode must be infer or train'),
     (['--config', 'config/hvt-ti-1.json', '--amp', 'fp8'], '--amp must be one of'),
-    (['--config', 'config/hvt-ti-1.json', '--vs', 'deit_small'], '--vs takes timm:NAME'),
+    (['--config', 'config/hvt-ti-1.json', '--vs', 'deit_small'], '--vs takes plain, timm:NAME'),
+    (['--config', 'config/hvt-ti-1.json', '--vs', 'plain'], 'this config has no token_reduction'),
+    (['--config', 'config/hvt-ti-1.json', '--token-reduction', '{"r": '], 'not valid JSON'),
     (['--config', 'config/hvt-ti-1.json', '--vs', 'timm:no_such_model_xyz'], "unknown timm model"),
     (['--config', 'config/missing.json'], "config file 'config/missing.json' not found"),
     (['--config', 'config/hvt-ti-1.json', '--iters', '0'], '--iters must be >= 1'),

@@ -87,3 +87,32 @@ def test_ra_sampler_repeats_across_ranks_and_small_sets():
     assert len(samplers[0]) == 512 // 3                 # DeiT's cap: floor(600 / 256) * 256 / world
     small = RASampler(range(50), num_replicas=2, rank=0)
     assert len(small) == 25 and len(list(small)) == 25  # DeiT's cap would give 0 images
+
+
+def test_eval_transform_follows_the_data_config(fake_imagenet):
+    """Resize the short side to input_size / crop_pct with the configured interpolation, centre crop, normalise
+    with the configured mean/std: compared with torchvision steps written out here."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from datasets import build_transform
+    args = options.parse_args(['--model', 'deit_tiny', '--data-set', 'IMNET', '--input-size', '32', '--crop-pct',
+                               '0.8', '--interpolation', 'bilinear', '--mean', '0.5', '--std', '0.25', '0.5', '1'])
+    img = Image.open(next((fake_imagenet / 'val').glob('*/*.JPEG'))).convert('RGB').resize((50, 40))
+    expected = T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32), T.ToTensor(),
+                          T.Normalize([0.5] * 3, [0.25, 0.5, 1.0])])(img)
+    assert torch.allclose(build_transform(False, args)(img), expected, atol=1e-6)
+    # the model's defaults: bicubic, 0.875, ImageNet statistics
+    args = options.parse_args(['--model', 'deit_tiny', '--data-set', 'IMNET', '--input-size', '32'])
+    expected = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                          T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])(img)
+    assert torch.allclose(build_transform(False, args)(img), expected, atol=1e-6)
+
+
+def test_native_size_images_are_only_normalised():
+    from PIL import Image
+    from torchvision import transforms as T
+    from datasets import build_transform
+    args = data_args(data_set='DIGITS', input_size=16)
+    img = Image.fromarray(digits_split(False, 16)[0][0])
+    expected = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(T.ToTensor()(img))
+    assert torch.equal(build_transform(False, args)(img), expected)

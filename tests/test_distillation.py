@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-import main
+import builders
 import options
 from conftest import FAST, TINY_HVT, run_script
 
@@ -23,7 +23,7 @@ def teacher(tmp_path_factory):
 
 def test_teacher_is_rebuilt_from_its_checkpoint_frozen_in_eval_mode(teacher):
     args = options.parse_args([*TINY_PIT, *DIGITS, '--distillation-type', 'hard', '--teacher-path', str(teacher)])
-    model = main.build_teacher(args, torch.device('cpu'), 10)
+    model = builders.build_teacher(args, torch.device('cpu'), 10)
     saved = torch.load(teacher, weights_only=True)['model']
     assert not model.training and all(not p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
@@ -46,9 +46,9 @@ def test_distillation_loss_uses_the_teacher(teacher):
     """alpha = 1, hard: the loss is exactly CE(dist head, teacher arg-max); the class head gets no gradient."""
     args = options.parse_args([*TINY_PIT, *DIGITS, '--distillation-type', 'hard', '--distillation-alpha', '1.0',
                                '--teacher-path', str(teacher), '--smoothing', '0', '--mixup', '0', '--cutmix', '0'])
-    student = main.build_model(args, 10).train()
-    criterion = main.DistillationLoss(main.build_base_criterion(args, None), main.build_teacher(
-        args, torch.device('cpu'), 10), 'hard', 1.0, 1.0)
+    student = builders.build_model(args, 10).train()
+    criterion = builders.build_criterion(args, None, builders.build_teacher(args, torch.device('cpu'), 10))
+    assert (criterion.distillation_type, criterion.alpha, criterion.tau) == ('hard', 1.0, 1.0)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     cls, dist = student(x)
     loss = criterion(x, (cls, dist), y)

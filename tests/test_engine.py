@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from engine import LoopOptions, NonFiniteLossError, Optimization, evaluate, train_one_epoch
 from losses import DistillationLoss
 
 
@@ -15,8 +15,8 @@ def train(batch, accum, x, y):
     model = torch.nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss())
-    stats, updates = train_one_epoch(model, criterion, loader(x, y, batch), opt, torch.device('cpu'), 0,
-                                     accum_steps=accum, print_freq=100)
+    stats, updates = train_one_epoch(model, criterion, loader(x, y, batch), Optimization(opt, accum_steps=accum),
+                                     LoopOptions(torch.device('cpu'), print_freq=100), 0)
     return model, stats, updates
 
 
@@ -44,7 +44,7 @@ def test_non_finite_loss_raises_before_the_update():
     x, y = torch.full((8, 6), float('nan')), torch.zeros(8, dtype=torch.long)
     with pytest.raises(NonFiniteLossError, match='loss is nan at epoch 0, step 0'):
         train_one_epoch(model, DistillationLoss(torch.nn.CrossEntropyLoss()), loader(x, y, 4),
-                        torch.optim.SGD(model.parameters(), lr=1.0), torch.device('cpu'), 0)
+                        Optimization(torch.optim.SGD(model.parameters(), lr=1.0)), LoopOptions(torch.device('cpu')), 0)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
 
 
@@ -52,7 +52,7 @@ def test_evaluate_counts_every_sample():
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 7)
     x, y = torch.randn(23, 6), torch.randint(0, 7, (23,))
-    stats = evaluate(loader(x, y, 5), model, torch.device('cpu'), print_freq=100)
+    stats = evaluate(loader(x, y, 5), model, LoopOptions(torch.device('cpu'), print_freq=100))
     with torch.no_grad():
         logits = model(x)
     top5 = logits.topk(5, dim=1).indices
@@ -60,3 +60,47 @@ def test_evaluate_counts_every_sample():
     assert stats['acc1'] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
     assert stats['acc5'] == pytest.approx(100 * (top5 == y[:, None]).any(1).float().mean().item())
     assert stats['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def _parts(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+    scheduler = CosineLRScheduler(optimizer, t_initial=10, warmup_t=2, warmup_lr_init=1e-3, t_in_epochs=False)
+    return model, Optimization(optimizer, scheduler, step_lr_per_update=True, accum_steps=2,
+                               model_ema=ModelEmaV3(model, decay=0.5))
+
+
+def test_lr_is_stepped_per_update_and_ema_follows():
+    torch.manual_seed(1)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    model, opt = _parts(0)
+    _, updates = train_one_epoch(model, DistillationLoss(torch.nn.CrossEntropyLoss()), loader(x, y, 4), opt,
+                                 LoopOptions(torch.device('cpu'), print_freq=100), 0)
+    assert updates == 3   # 6 batches, 2 per update
+    assert opt.optimizer.param_groups[0]['lr'] == pytest.approx(opt.lr_scheduler._get_lr(3)[0])
+    assert not torch.equal(opt.model_ema.module.weight, model.weight)
+
+
+def test_checkpoint_contents_restore_the_training_state(tmp_path):
+    """main.checkpoint_contents and main.restore_checkpoint are each other's inverse, through a weights-only file."""
+    import main
+    from utils import DistInfo
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model, opt = _parts(0)
+    train_one_epoch(model, DistillationLoss(torch.nn.CrossEntropyLoss()), loader(x, y, 4), opt,
+                    LoopOptions(torch.device('cpu'), print_freq=100), 0, num_updates=0)
+    state = main.TrainState(epoch=4, max_accuracy=55.5, best_epoch=3, max_accuracy_ema=56.0)
+    torch.save(main.checkpoint_contents(model, opt, state, ['rng'], {'model': 'linear'}), tmp_path / 'c.pth')
+    ckpt = torch.load(tmp_path / 'c.pth', weights_only=True)
+    assert ckpt['args'] == {'model': 'linear'} and ckpt['epoch'] == 4
+    fresh_model, fresh = _parts(1)
+    restored = main.restore_checkpoint(ckpt, fresh, seed=0, dist=DistInfo(world_size=2))   # 1 rng state: re-seed
+    assert restored == state
+    assert fresh.optimizer.state_dict()['state'][0]['exp_avg'].equal(opt.optimizer.state_dict()['state'][0]['exp_avg'])
+    assert fresh.lr_scheduler.state_dict() == opt.lr_scheduler.state_dict()
+    assert fresh.model_ema.module.weight.equal(opt.model_ema.module.weight)
+    assert main.restore_checkpoint({'model': {}}, fresh, 0, DistInfo()) == main.TrainState()   # weights only

@@ -1,9 +1,9 @@
-"""flops.py: the published params/GMACs rows reproduce, attention under SDPA is counted, uncounted matmuls fail loudly,
-and the CLI formats (--json, --all --json, --csv, --detail) hold their schema."""
+"""flops.py and counting.py: the published params/GMACs rows (data/published.json) reproduce, attention under SDPA
+is counted, uncounted matmuls fail loudly, and the CLI formats (--json, --all --json, --csv, --detail) hold their
+schema."""
 import json
 import os
 from decimal import ROUND_HALF_UP, Decimal
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,13 +12,16 @@ import torch.nn.functional as F
 
 from conftest import REPO, run_script
 
+import builders
+import counting
 import flops
 import models
+import published
 from models.layers import set_fused_attn
 
 CONFIG = os.path.join(REPO, 'config')
 
-# The seeds' tables (GMACs, params in M as printed); flops.PUBLISHED must hold exactly these.
+# The seeds' tables (GMACs, params in M as printed); data/published.json must hold exactly these.
 EXPECTED_PUBLISHED = {
     'hvt-ti-1': ('0.64', '5.74'), 'hvt-s-0': ('4.57', '22.05'), 'hvt-s-1': ('2.40', '22.09'),
     'hvt-s-2': ('1.94', '22.11'), 'hvt-s-3': ('1.62', '22.11'), 'hvt-s-4': ('1.39', '22.12'),
@@ -40,7 +43,8 @@ EXACT_PARAMS = {
     'hivit-tiny': 19_180_900, 'hivit-small': 37_525_696, 'hivit-base': 79_050_792,
 }
 SEED_CONVENTION = {'HVT': 'ptflops', 'DeiT': 'fvcore', 'HiViT': 'fvcore'}
-MUST_EXIST = [name for name, row in flops.PUBLISHED.items() if row.family in ('HVT', 'DeiT')]
+PUBLISHED = {row.config: row for row in published.load()}
+MUST_EXIST = [name for name, row in PUBLISHED.items() if row.family in ('HVT', 'DeiT')]
 
 
 def printed_round(exact: int, scale: int, printed: str) -> Decimal:
@@ -67,10 +71,13 @@ def _run_main(capsys, argv):
 # ------------------------------------------------------------------------------------------------ published numbers
 
 def test_published_table_holds_the_seed_numbers():
-    assert {k: (v.gmacs, v.params_m) for k, v in flops.PUBLISHED.items()} == EXPECTED_PUBLISHED
-    for name, row in flops.PUBLISHED.items():
-        assert row.source, name
-        assert row.convention in flops.CONVENTIONS, name
+    rows = published.load()
+    assert len(rows) == len(PUBLISHED)  # one row per config, no duplicates
+    assert {k: (v.gmacs, v.params_m) for k, v in PUBLISHED.items()} == EXPECTED_PUBLISHED
+    for name, row in PUBLISHED.items():
+        assert row.source and 'et al.' in row.source and 'seed' not in row.source, name  # papers, not internal refs
+        assert row.convention in counting.CONVENTIONS, name
+        assert row.token_reduction is None and row.model is None, name
         assert (row.resolution, row.num_classes) == (224, 1000), name
         if row.family in SEED_CONVENTION:
             assert row.convention == SEED_CONVENTION[row.family], name
@@ -89,7 +96,7 @@ def test_hvt_and_deit_rows_are_counted(all_rows):
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_PUBLISHED))
 def test_published_row_reproduces(all_rows, name):
-    pub = flops.PUBLISHED[name]
+    pub = PUBLISHED[name]
     if not os.path.isfile(os.path.join(CONFIG, f'{name}.json')):
         if name in MUST_EXIST:
             pytest.fail(f'config/{name}.json is missing')
@@ -119,15 +126,15 @@ def test_published_row_reproduces(all_rows, name):
 
 def test_all_json_schema(all_rows):
     keys = {'config', 'model', 'input_size', 'params', 'trainable_params', 'gmacs', 'macs', 'published_gmacs',
-            'published_params_m', 'convention', 'counted_model', 'gmacs_match', 'params_match'}
+            'published_params_m', 'convention', 'counted_model', 'gmacs_match', 'params_match', 'token_reduction'}
     configs = sorted(f[:-5] for f in os.listdir(CONFIG) if f.endswith('.json'))
     assert sorted(all_rows) == configs
     for name, row in all_rows.items():
         assert keys <= set(row), (name, keys - set(row))
-        assert row['convention'] in flops.CONVENTIONS
+        assert row['convention'] in counting.CONVENTIONS and row['token_reduction'] is None
         assert isinstance(row['params'], int) and isinstance(row['macs'], int) and row['macs'] > 0
         assert row['gmacs'] == pytest.approx(row['macs'] / 1e9, abs=1e-4)
-        if name not in flops.PUBLISHED:
+        if name not in PUBLISHED:
             assert row['published_gmacs'] is None and row['published_params_m'] is None
             assert row['convention'] == 'fvcore'
     # the HVT demo config: 10 classes (DIGITS) at 32 px
@@ -153,8 +160,8 @@ def test_hvt_needs_the_ptflops_convention(capsys):
 def test_pit_paper_counts_the_distilled_twin(tmp_path, capsys):
     if not {'pit_ti', 'pit_ti_distilled'} <= set(models.list_models()):
         pytest.skip('PiT models not registered')
-    plain = flops.count_macs(models.create_model('pit_ti'), 224, 'fvcore')[0]
-    twin = flops.count_macs(models.create_model('pit_ti_distilled'), 224, 'fvcore')[0]
+    plain = counting.count_macs(models.create_model('pit_ti'), 224, 'fvcore')[0]
+    twin = counting.count_macs(models.create_model('pit_ti_distilled'), 224, 'fvcore')[0]
     assert round(plain / 1e9, 2) == 0.70 and round(twin / 1e9, 2) == 0.71
     cfg = tmp_path / 'pit-ti.json'  # named like the published row
     cfg.write_text(json.dumps({'model': 'pit_ti', 'input_size': 224}))
@@ -183,13 +190,13 @@ def _tiny_hvt():
 @pytest.mark.parametrize('convention', ['fvcore', 'ptflops'])
 def test_sdpa_is_counted_like_explicit_attention(convention):
     model = _tiny_hvt().eval()
-    fused, _ = flops.count_macs(model, 32, convention)
+    fused, _ = counting.count_macs(model, 32, convention)
     set_fused_attn(model, False)
-    explicit, _ = flops.count_macs(model, 32, convention)
+    explicit, _ = counting.count_macs(model, 32, convention)
     assert fused == explicit
     set_fused_attn(model, True)
     # each block's attention part is 2 N^2 C (q k^T and attn v), N = its input tokens
-    d = flops.detail(model, 32, convention)
+    d = counting.detail(model, 32, convention)
     tokens = [b['tokens_in'] for b in d['blocks']]
     assert tokens == [64, 31, 31, 15]
     for block in d['blocks']:
@@ -220,8 +227,8 @@ class _MaskedAttention(nn.Module):
 
 
 def test_sdpa_handle_with_mask_and_unequal_shapes():
-    fused, _ = flops.count_macs(_MaskedAttention(True), (3, 10, 8))
-    explicit, _ = flops.count_macs(_MaskedAttention(False), (3, 10, 8))
+    fused, _ = counting.count_macs(_MaskedAttention(True), (3, 10, 8))
+    explicit, _ = counting.count_macs(_MaskedAttention(False), (3, 10, 8))
     assert fused == explicit == 3 * 10 * 7 * 8 + 3 * 10 * 7 * 5
 
 
@@ -229,9 +236,9 @@ def test_hivit_attention_bias_counts_like_explicit():
     if 'hivit_tiny' not in models.list_models():
         pytest.skip('HiViT not registered')
     model = models.create_model('hivit_tiny', img_size=64).eval()
-    fused, _ = flops.count_macs(model, 64)
+    fused, _ = counting.count_macs(model, 64)
     set_fused_attn(model, False)
-    assert flops.count_macs(model, 64)[0] == fused
+    assert counting.count_macs(model, 64)[0] == fused
 
 
 # -------------------------------------------------------------------------------------------- uncounted matmul ops
@@ -253,19 +260,18 @@ def test_fvcore_has_no_baddbmm_handle():
 
 
 def test_uncounted_matmul_fails(monkeypatch, capsys):
-    with pytest.raises(flops.UncountedOpError, match='aten::baddbmm'):
-        flops.count_macs(_Baddbmm(), 32)
+    with pytest.raises(counting.UncountedOpError, match='aten::baddbmm'):
+        counting.count_macs(_Baddbmm(), 32)
     # through the CLI: a config whose model uses baddbmm ends in an error naming the op, no number printed
-    fake_args = SimpleNamespace(model='baddbmm_net', model_kwargs={}, input_size=32)
-    monkeypatch.setattr(flops, 'build', lambda path, input_size=None, model_name=None: (fake_args, _Baddbmm()))
-    code, out, err = _run_main(capsys, ['--config', 'config/deit-ti.json'])
+    monkeypatch.setattr(builders, 'build_model', lambda args, *a, **kw: _Baddbmm())
+    code, out, err = _run_main(capsys, ['--config', 'config/deit-ti.json', '--input-size', '32'])
     assert code == 1 and out == ''
     assert 'aten::baddbmm' in err and 'uncounted' in err
 
 
 def test_elementwise_ops_are_not_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Softmax(dim=1))
-    total, by_module = flops.count_macs(model, 8)
+    total, by_module = counting.count_macs(model, 8)
     assert total == by_module[''] == 6 * 6 * 4 * 3 * 9
 
 
@@ -307,6 +313,8 @@ def test_detail_lists_block_tokens(capsys):
     assert sum(d['modules'].values()) == json.loads(out)['macs']
     code, out, _ = _run_main(capsys, ['--config', 'config/hvt-s-4.json', '--detail'])
     assert 'by block:' in out and 'tokens in' in out and 'blocks.11' in out
+    assert '#parameters' in out and '| blocks.11 ' in out   # fvcore's flop_count_table
+    assert 'table' not in d
 
 
 def test_input_size_override_is_not_compared(capsys):
@@ -326,3 +334,141 @@ def test_user_errors_are_one_line(capsys, argv, needle):
     code, out, err = _run_main(capsys, argv)
     assert code == 2 and out == ''
     assert len(err.strip().splitlines()) == 1 and needle in err and err.startswith('error: ')
+
+
+# ------------------------------------------------------------------------------------------- counting library, data
+
+def test_fvcore_convention_is_fvcores_default_table_plus_attention():
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+    fv = counting.CONVENTIONS['fvcore'].handles
+    assert set(fv) == set(_DEFAULT_SUPPORTED_OPS) | set(counting.SDPA_OPS)
+    assert all(fv[op] is _DEFAULT_SUPPORTED_OPS[op] for op in ('aten::addmm', 'aten::linear', 'aten::matmul'))
+    pt = counting.CONVENTIONS['ptflops'].handles
+    assert set(pt) == set(fv)
+    assert {op for op, h in pt.items() if h is None} == set(counting.NON_MATMUL_HANDLES)
+    assert counting.CONVENTIONS['pit-paper'].twin_suffix == '_distilled'
+
+
+class _InputDependent(nn.Module):
+    """Applies its linear layer 1 to 4 times, depending on the input (like a token-reduction method would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):  # x: (1, 3, 8, 8)
+        y = x.flatten(2)
+        for _ in range(1 + int((x > 0.2).sum().item()) % 4):
+            y = self.fc(y)
+        return y
+
+
+def test_counting_input_is_seeded():
+    model = _InputDependent()
+    counts = [counting.count_macs(model, 8, seed=s)[0] for s in range(6)]
+    assert len(set(counts)) > 1                       # the count really depends on the image
+    assert [counting.count_macs(model, 8, seed=s)[0] for s in range(6)] == counts   # and is the same every run
+    assert counting.count_macs(model, 8)[0] == counts[0]   # default seed 0
+
+
+def test_count_params_counts_shared_weights_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, shared, nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    assert counting.count_params(model) == (20 + 10, 20 + 2)
+
+
+def _data_file(tmp_path, rows):
+    path = tmp_path / 'published.json'
+    path.write_text(json.dumps({'sources': {'test': 'Someone et al., a paper'}, 'rows': rows}))
+    return str(path)
+
+
+def _model_row(**kw):
+    row = dict(config=None, model='deit_tiny', token_reduction=None, resolution=32, num_classes=10, family='DeiT',
+               convention='fvcore', gmacs='0.0274', params_m=None, source='test', seed='none', note=None)
+    return {**row, **kw}
+
+
+# DeiT-Ti at 32 px: 4 patches + class token = 5 tokens of width 192, 12 blocks, 3 heads of 64, 10 classes; fvcore
+# counts LayerNorm as 5 per element
+DEIT_TI_32 = (4 * 192 * 3 * 16 * 16 + 12 * (5 * 192 * 576 + 2 * 3 * 5 * 5 * 64 + 5 * 192 * 192 + 2 * 5 * 192 * 768
+                                            + 2 * 5 * 5 * 192) + 5 * 5 * 192 + 192 * 10)
+
+
+def test_a_published_model_row_is_counted_by_all(tmp_path, capsys):
+    """A row naming a model (no config) is a line of data: --all counts it at the row's resolution and classes."""
+    configs = tmp_path / 'configs'
+    configs.mkdir()
+    (configs / 'demo-digits.json').write_text((REPO / 'config' / 'demo-digits.json').read_text())
+    data = _data_file(tmp_path, [_model_row()])
+    code, out, err = _run_main(capsys, ['--all', '--config-dir', str(configs), '--published', data, '--json'])
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r['config'] for r in rows] == ['demo-digits', None]
+    row = rows[1]
+    assert row['label'] == 'deit_tiny @32' and row['model'] == 'deit_tiny' and row['token_reduction'] is None
+    assert (row['input_size'], row['num_classes'], row['convention']) == (32, 10, 'fvcore')
+    assert row['macs'] == DEIT_TI_32 and row['gmacs_match'] is True and row['published_gmacs'] == 0.0274
+    assert row['published_source'] == 'Someone et al., a paper'
+    code, out, _ = _run_main(capsys, ['--all', '--config-dir', str(configs), '--published', data])
+    assert code == 0 and 'deit_tiny @32' in out
+
+
+def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeypatch):
+    """--token-reduction reaches models.create_model, is reported, and selects the published row of that setting.
+    (The reduction itself is stubbed: the plain model is built and the spec recorded.)"""
+    specs = []
+    real = models.create_model
+
+    def create_model(name, token_reduction=None, **kw):
+        specs.append(token_reduction)
+        return real(name, **kw)
+
+    monkeypatch.setattr(models, 'create_model', create_model)
+    spec = {'method': 'tome', 'r': 2}
+    data = _data_file(tmp_path, [_model_row(token_reduction=spec, gmacs='0.0274', convention='ptflops'),
+                                 _model_row(gmacs='9.9')])
+    cfg = tmp_path / 'tiny.json'
+    cfg.write_text(json.dumps({'model': 'deit_tiny', 'input_size': 32, 'data_set': 'CIFAR10'}))
+    code, out, err = _run_main(capsys, ['--config', str(cfg), '--published', data, '--json',
+                                        '--token-reduction', json.dumps(spec)])
+    assert code == 0, err
+    row = json.loads(out)
+    assert specs == [spec] and row['token_reduction'] == spec
+    assert row['convention'] == 'ptflops' and row['published_gmacs'] == 0.0274   # the row of that setting
+    code, out, _ = _run_main(capsys, ['--config', str(cfg), '--published', data, '--json'])
+    row = json.loads(out)
+    assert specs[-1] is None and row['token_reduction'] is None
+    assert row['convention'] == 'fvcore' and row['published_gmacs'] == 9.9 and row['gmacs_match'] is False
+    assert row['macs'] == DEIT_TI_32
+    # a config's own token_reduction, and null on the command line overriding it
+    cfg.write_text(json.dumps({'model': 'deit_tiny', 'input_size': 32, 'data_set': 'CIFAR10',
+                               'token_reduction': spec}))
+    assert json.loads(_run_main(capsys, ['--config', str(cfg), '--published', data, '--json'])[1])[
+        'token_reduction'] == spec
+    assert json.loads(_run_main(capsys, ['--config', str(cfg), '--published', data, '--json',
+                                         '--token-reduction', 'null'])[1])['token_reduction'] is None
+
+
+@pytest.mark.parametrize('change, needle', [
+    (dict(config='deit-ti'), 'exactly one of config and model'),
+    (dict(convention='flops2x'), "unknown convention 'flops2x'"),
+    (dict(gmacs=1.3), 'printed number as a string'),
+    (dict(source='nobody'), "source 'nobody'"),
+    (dict(token_reduction=[1]), 'token_reduction must be a JSON object'),
+    (dict(resolution='224'), 'resolution must be a positive integer'),
+    (dict(gflops='1'), 'unknown gflops'),
+])
+def test_malformed_published_rows_are_named(tmp_path, capsys, change, needle):
+    data = _data_file(tmp_path, [_model_row(), _model_row(**change)])
+    with pytest.raises(ValueError, match='row 1'):
+        published.load(data)
+    code, out, err = _run_main(capsys, ['--config', 'config/deit-ti.json', '--published', data])
+    assert code == 2 and out == '' and len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_bad_token_reduction_flag_is_one_line(capsys):
+    for value, needle in (('{"method": ', 'not valid JSON'), ('[8]', 'must be a JSON object')):
+        code, out, err = _run_main(capsys, ['--config', 'config/deit-ti.json', '--token-reduction', value])
+        assert code == 2 and out == '' and len(err.strip().splitlines()) == 1 and needle in err

@@ -114,3 +114,17 @@ def test_upstream_weights_resized_for_larger_input(fixture):
         out = model(torch.randn(2, 3, 48, 48))
     assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
+
+
+def test_grid_position_embedding_is_resampled_bicubically_in_2d(fixture):
+    """The patch-grid embedding (8x8 at 32 px) becomes 12x12 at 48 px: a 2-D antialiased bicubic resampling over the
+    grid (reference written out here with F.interpolate), the per-stage ones linearly along the sequence."""
+    import torch.nn.functional as F
+    pos = fixture['model']['pos_embed']  # (1, 64, 32)
+    filtered = build(48).checkpoint_filter(dict(fixture['model']))
+    grid = pos.reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+    reference = F.interpolate(grid, size=(12, 12), mode='bicubic', align_corners=False, antialias=True)
+    assert torch.allclose(filtered['pos_embed'], reference.permute(0, 2, 3, 1).reshape(1, 144, 32), atol=1e-6)
+    stage = fixture['model']['blocks.0.pos_embed']  # (1, 31, 32) -> (1, 71, 32)
+    reference = F.interpolate(stage.transpose(1, 2), size=71, mode='linear', align_corners=False).transpose(1, 2)
+    assert torch.allclose(filtered['blocks.0.pos_embed'], reference, atol=1e-6)

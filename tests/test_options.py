@@ -1,8 +1,10 @@
-"""Config + command-line resolution: precedence, both spellings, unknown keys, official HVT configs."""
+"""Config + command-line resolution: precedence, both spellings, unknown keys, official HVT configs, the per-model
+data config and the token-reduction option."""
 import json
 
 import pytest
 
+import models
 import options
 from utils import UserError
 
@@ -58,10 +60,10 @@ def test_official_hvt_config_runs_unchanged(tmp_path):
 
 def test_official_hvt_config_builds_the_published_model(tmp_path):
     import torch
-    import main
+    import builders
     args = options.parse_args(['--config', write(tmp_path, OFFICIAL_HVT_S_2)])
     with torch.device('meta'):
-        model = main.build_model(args, 1000)
+        model = builders.build_model(args, 1000)
     assert sum(p.numel() for p in model.parameters()) == 22_105_576   # HVT-S-2
 
 
@@ -103,9 +105,91 @@ def test_resolved_config_is_json_and_complete():
     options.__file__).parent.glob('config/*.json'))))
 def test_every_shipped_config_resolves_and_builds(path):
     import torch
-    import main
-    from datasets import num_classes_of
+    import builders
     args = options.parse_args(['--config', path])
     with torch.device('meta'):
-        model = main.build_model(args, num_classes_of(args))
+        model = builders.build_model(args)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# ------------------------------------------------------------------------------------------- per-model data config
+
+def test_data_config_comes_from_the_model_unless_overridden(tmp_path, monkeypatch):
+    args = options.parse_args(['--model', 'deit_tiny'])
+    assert (args.input_size, args.interpolation, args.crop_pct) == (224, 'bicubic', 0.875)
+    assert args.mean == pytest.approx([0.485, 0.456, 0.406]) and args.std == pytest.approx([0.229, 0.224, 0.225])
+    # a model registering another data config (as the SWAG ViTs do: 512 px, crop 1.0)
+    monkeypatch.setitem(models.registry._DATA_CONFIGS, 'deit_tiny', {
+        **models.data_config('deit_tiny'), 'input_size': 512, 'crop_pct': 1.0, 'mean': (0.5, 0.5, 0.5)})
+    args = options.parse_args(['--model', 'deit_tiny'])
+    assert (args.input_size, args.crop_pct, args.mean) == (512, 1.0, [0.5, 0.5, 0.5])
+    args = options.parse_args(['--model', 'deit_tiny', '--input-size', '384', '--crop-pct', '0.9', '--interpolation',
+                               'bilinear', '--mean', '0.1', '--std', '0.2', '0.3', '0.4'])
+    assert (args.input_size, args.crop_pct, args.interpolation) == (384, 0.9, 'bilinear')
+    assert args.mean == [0.1] * 3 and args.std == [0.2, 0.3, 0.4]
+    # DeiT's spelling, as a flag and as a config key (config.json files of earlier versions)
+    assert options.parse_args(['--model', 'deit_tiny', '--eval-crop-ratio', '0.95']).crop_pct == 0.95
+    cfg = write(tmp_path, {'model': 'deit_tiny', 'eval_crop_ratio': 0.8, 'input_size': 256})
+    args = options.parse_args(['--config', cfg])
+    assert (args.crop_pct, args.input_size) == (0.8, 256)
+    assert options.parse_args(['--config', cfg, '--crop-pct', '0.7']).crop_pct == 0.7
+
+
+def test_bad_data_config_values():
+    with pytest.raises(UserError, match='--mean takes 1 or 3 numbers'):
+        options.parse_args(['--mean', '0.5', '0.5'])
+    with pytest.raises(UserError, match='--crop-pct must be > 0'):
+        options.parse_args(['--crop-pct', '0'])
+    with pytest.raises(UserError, match='argument --interpolation'):
+        options.parse_args(['--interpolation', 'cubic'])
+
+
+# ---------------------------------------------------------------------------------------------------- token reduction
+
+def test_token_reduction_from_config_and_flag(tmp_path):
+    spec = {'method': 'tome', 'r': 8}
+    assert options.parse_args([]).token_reduction is None
+    cfg = write(tmp_path, {'model': 'deit_tiny', 'token_reduction': spec})
+    assert options.parse_args(['--config', cfg]).token_reduction == spec
+    other = {'method': 'evit', 'keep_rate': 0.7}
+    assert options.parse_args(['--config', cfg, '--token-reduction', json.dumps(other)]).token_reduction == other
+    assert options.parse_args(['--config', cfg, '--token_reduction', 'null']).token_reduction is None
+    assert options.resolved_config(options.parse_args(['--config', cfg]))['token_reduction'] == spec
+    assert options.parse_args(['--config', write(tmp_path, {'token_reduction': None}, 'n.json')]).token_reduction \
+        is None
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['--token-reduction', '{"method": "tome", "r": 8'], 'not valid JSON'),
+    (['--token-reduction', '8'], 'must be a JSON object'),
+])
+def test_bad_token_reduction_flag(argv, needle):
+    with pytest.raises(UserError, match=needle) as e:
+        options.parse_args(argv)
+    assert '\n' not in str(e.value)
+
+
+def test_token_reduction_config_value_must_be_an_object(tmp_path):
+    with pytest.raises(UserError, match="'token_reduction' in .* must be a JSON object or null"):
+        options.parse_args(['--config', write(tmp_path, {'token_reduction': 'tome'})])
+
+
+def test_builders_pass_token_reduction_to_create_model(monkeypatch):
+    import builders
+    calls = []
+
+    def create_model(name, token_reduction=None, **kwargs):
+        calls.append((name, token_reduction, kwargs['img_size'], kwargs['num_classes']))
+        if token_reduction and token_reduction.get('r', 0) > 100:
+            raise ValueError("tome: r must be < 197 tokens, got 500")
+        return 'model'
+
+    monkeypatch.setattr(models, 'create_model', create_model)
+    spec = {'method': 'tome', 'r': 8}
+    args = options.parse_args(['--model', 'deit_tiny', '--token-reduction', json.dumps(spec), '--data-set', 'CIFAR'])
+    builders.build_model(args)
+    builders.build_model(args, num_classes=7, plain=True)
+    assert calls == [('deit_tiny', spec, 224, 100), ('deit_tiny', None, 224, 7)]
+    args.token_reduction = {'method': 'tome', 'r': 500}
+    with pytest.raises(UserError, match=r"cannot build model 'deit_tiny': tome: r must be < 197"):
+        builders.build_model(args)

@@ -57,6 +57,14 @@ def test_eval_only_scores_checkpoint_exactly(digits_run, tmp_path):
     result = json.loads((tmp_path / 'eval.json').read_text())
     assert {'acc1', 'acc5', 'loss', 'n_samples', 'checkpoint', 'model', 'input_size'} <= set(result)
     assert result['n_samples'] == 450 and result['model'] == 'hvt_model' and result['input_size'] == 32
+    # the setting scored: plain model, its GMACs (fvcore) at that input size, the data config used
+    import counting
+    import models
+    tiny = models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8, num_blocks=2,
+                               pool_block_width=1, num_classes=10)
+    assert result['token_reduction'] is None and result['gmacs_convention'] == 'fvcore'
+    assert result['gmacs'] == counting.count_macs(tiny, 32)[0] / 1e9
+    assert (result['crop_pct'], result['interpolation']) == (0.875, 'bicubic')
     assert result['acc1'] == pytest.approx(read_log(out)[0]['test_acc1'], abs=1e-6)
     assert result['loss'] == pytest.approx(read_log(out)[0]['test_loss'], rel=1e-5)
     assert 'Acc@1' in res.stdout

@@ -1,0 +1,171 @@
+"""A resolved config (``options.parse_args``) -> what the scripts need: model, data sets, loaders, teacher, criterion,
+data config.
+
+``main.py``, ``flops.py`` and ``benchmark.py`` build through here, so the model trained, counted and timed for a config
+is the same model, with its class count from one rule (:func:`build_model`).
+"""
+import os
+from typing import List, Optional, Sequence
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import datasets
+import models
+import options
+from losses import DistillationLoss
+from samplers import ExactDistributedSampler, RASampler
+from utils import DistInfo, UserError
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
+
+
+def config_files(config_dir: str = CONFIG_DIR) -> List[str]:
+    """The JSON configs of a folder, sorted by name."""
+    if not os.path.isdir(config_dir):
+        raise UserError(f"config folder '{config_dir}' not found")
+    return sorted(os.path.join(config_dir, f) for f in os.listdir(config_dir) if f.endswith('.json'))
+
+
+def load_args(config_path: Optional[str] = None, argv: Sequence[str] = ()):
+    """``options.parse_args`` of a config file plus overriding flags (``['--input-size', '384']`` ...)."""
+    return options.parse_args((['--config', config_path] if config_path else []) + list(argv))
+
+
+# -------------------------------------------------------------------------------------------------------------- model
+
+def build_model(args, num_classes: Optional[int] = None, model_name: Optional[str] = None, plain: bool = False):
+    """The config's model: ``args.model`` (or ``model_name``, e.g. a distilled twin) with the config's constructor
+    arguments, input size, dropout rates and token reduction (none with ``plain``).
+
+    ``num_classes``: the data set's class count when the data is at hand (an ImageNet folder may hold any number of
+    classes); by default the nominal count of ``args.data_set`` (ImageNet 1000, CIFAR 100 ...). A bad constructor
+    argument or token-reduction setting is a :class:`UserError`."""
+    name = model_name or args.model
+    if num_classes is None:
+        num_classes = datasets.num_classes_of(args)
+    try:
+        return models.create_model(name, token_reduction=None if plain else args.token_reduction,
+                                   num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                                   img_size=args.input_size, **args.model_kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build model '{name}': {e}") from None
+
+
+def data_config(args) -> dict:
+    """The evaluation preprocessing in timm's data-config form (the model's registered one, with the config's
+    overrides already merged by ``options``): input_size (C, H, W), interpolation, crop_pct, mean, std."""
+    return dict(input_size=(3, args.input_size, args.input_size), interpolation=args.interpolation,
+                crop_pct=args.crop_pct, mean=tuple(args.mean), std=tuple(args.std))
+
+
+def build_teacher(args, device, num_classes: int):
+    """The distillation teacher in eval mode, frozen, on ``device``; None without distillation.
+
+    ``--teacher-path`` written by this framework records its model and constructor arguments, which are used as they
+    are; any other file is loaded into ``--teacher-model`` (our name or a timm name) built for ``num_classes``."""
+    if args.distillation_type == 'none':
+        return None
+    if not args.teacher_path:
+        raise UserError('distillation needs --teacher-path (a checkpoint of --teacher-model)')
+    if args.finetune:
+        raise UserError('distillation together with --finetune is not supported (as in DeiT)')
+    try:
+        ckpt = models.load_checkpoint_file(args.teacher_path)
+    except models.CheckpointError as e:
+        raise UserError(f'teacher: {e}') from None
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    name, kwargs = args.teacher_model, {}
+    if saved.get('model') in models.list_models():
+        name = saved['model']
+        accepted = set(models.model_arg_names(name)) - set(options.MANAGED_MODEL_ARGS)
+        kwargs = {k: v for k, v in saved.items() if k in accepted}
+        kwargs['img_size'] = saved.get('input_size', args.input_size)
+    try:
+        if name in models.list_models():
+            teacher = models.create_model(name, num_classes=num_classes, **{'img_size': args.input_size, **kwargs})
+        else:
+            teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, log=None)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"teacher '{name}' from {args.teacher_path}: {str(e).splitlines()[0]}") from None
+    print(f'teacher: {name} from {args.teacher_path}')
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+# --------------------------------------------------------------------------------------------------------------- data
+
+def build_datasets(args, with_train: bool = True):
+    """(training set or None, validation set, class count). The class count is the validation set's; a training set
+    with another count is an error."""
+    dataset_val, num_classes = datasets.build_dataset(is_train=False, args=args)
+    dataset_train = None
+    if with_train:
+        dataset_train, num_train = datasets.build_dataset(is_train=True, args=args)
+        if num_train != num_classes:
+            raise UserError(f'train set has {num_train} classes but val set {num_classes}')
+    return dataset_train, dataset_val, num_classes
+
+
+def loader_kwargs(args) -> dict:
+    kwargs = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and str(args.device).startswith('cuda'))
+    if args.num_workers > 0:
+        kwargs.update(persistent_workers=args.persistent_workers, prefetch_factor=args.prefetch_factor)
+    return kwargs
+
+
+def build_val_loader(dataset, args, dist: DistInfo):
+    """Every validation sample exactly once over all processes (no padding), in order."""
+    sampler = ExactDistributedSampler(dataset, dist.world_size, dist.rank) if dist.distributed \
+        else torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=max(1, int(args.eval_batch_scale * args.batch_size)),
+        drop_last=False, **loader_kwargs(args))
+
+
+def build_train_loader(dataset, args, dist: DistInfo):
+    """Shuffled batches; repeated augmentation (RASampler) in distributed runs unless ``--no-repeated-aug``.
+    DataLoader workers seed numpy and ``random`` from torch's per-worker seed themselves (torch >= 1.9)."""
+    if dist.distributed:
+        sampler = RASampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True) \
+            if args.repeated_aug else torch.utils.data.DistributedSampler(
+                dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=args.seed)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset)
+    if len(sampler) < args.batch_size:
+        raise UserError(f'the training set gives {len(sampler)} images per process, fewer than one batch of '
+                        f'{args.batch_size}; lower --batch-size')
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, drop_last=True,
+                                       **loader_kwargs(args))
+
+
+# ---------------------------------------------------------------------------------------------------------- criterion
+
+def build_mixup(args, num_classes: int):
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=num_classes)
+    return None
+
+
+def build_base_criterion(args, mixup_fn):
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=0.2 if mixup_fn else None)
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_criterion(args, mixup_fn, teacher) -> DistillationLoss:
+    """The training loss: the base criterion, wrapped in DeiT's distillation loss (a no-op without a teacher)."""
+    return DistillationLoss(build_base_criterion(args, mixup_fn), teacher, args.distillation_type,
+                            args.distillation_alpha, args.distillation_tau)
