@@ -30,14 +30,23 @@ from utils import UserError
 
 def main(argv=None) -> int:
     args = None
+    claim = utils.OutputClaim()
     try:
         args = options.parse_args(argv)
         utils.init_distributed_mode(args)
+        for note in options.adapt_to_machine(args):
+            print(f'note: {note}')
+        claim = utils.claim_output_dir(args.output_dir)
         return run(args)
     except UserError as e:
         if utils.is_main_process():
             print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        if utils.is_main_process():
+            hint = utils.resume_hint(args.output_dir if args else '')
+            print(f'error: interrupted; {hint}', file=sys.stderr, flush=True)
+        return 130
     except NonFiniteLossError as e:
         last = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
         kept = f'the last good checkpoint is kept ({last})' if last and os.path.isfile(last) else 'no checkpoint yet'
@@ -46,6 +55,7 @@ def main(argv=None) -> int:
                   f'or --amp bf16/none.', file=sys.stderr, flush=True)
         return 1
     finally:
+        claim.release()
         utils.cleanup_distributed()
 
 
@@ -126,6 +136,10 @@ def run(args) -> int:
     if checkpoint is not None:
         state = restore_training_state(checkpoint, optimizer, lr_scheduler, loss_scaler, model_ema, args)
     start_epoch = max(args.start_epoch, state['epoch'] + 1)
+    if start_epoch > 0 and args.sched_on_updates:   # as timm's train.py: this run's schedule, at the epoch reached
+        lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    elif start_epoch > 0:
+        lr_scheduler.step(start_epoch)
     log_path = os.path.join(output_dir, 'log.txt') if output_dir else None
     if log_path and utils.is_main_process():
         utils.truncate_log(log_path, start_epoch - 1)
@@ -282,7 +296,7 @@ def build_teacher(args, device, num_classes: int):
             teacher = models.create_model(name, num_classes=num_classes, **{'img_size': args.input_size, **kwargs})
         else:
             teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, log=None)
+        models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, strict=True, log=None)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"teacher '{name}' from {args.teacher_path}: {str(e).splitlines()[0]}") from None
     print(f'teacher: {name} from {args.teacher_path}')
@@ -311,28 +325,26 @@ def load_resume_checkpoint(path: str, model, nb_classes: int, args) -> dict:
     data set's is an error (use --finetune to start from weights of another class count)."""
     try:
         ckpt = models.load_checkpoint_file(path)
-        state_dict = models.extract_state_dict(ckpt, use_ema=args.eval_ema)
-        missing, unexpected = models.load_pretrained(model, state_dict, drop_mismatched_head=False, log=None)
+        models.load_pretrained(model, ckpt, use_ema=args.eval_ema, drop_mismatched_head=False, strict=True, log=None)
     except models.ClassCountError as e:
         raise UserError(f"checkpoint {path} has {e.checkpoint_classes} classes but data set {args.data_set} has "
                         f"{nb_classes}; use --finetune to start from it with a new head") from None
     except models.CheckpointError as e:
-        raise UserError(str(e)) from None
-    if missing or unexpected:
-        raise UserError(f'checkpoint {path} does not match model {args.model}: missing {missing[:4]}, '
-                        f'unexpected {unexpected[:4]}')
+        raise UserError(f'{path}: {e}') from None
     print(f'loaded weights from {path}' + (' (EMA)' if args.eval_ema else ''))
     return ckpt
 
 
 def restore_training_state(ckpt: dict, optimizer, lr_scheduler, loss_scaler, model_ema, args) -> dict:
-    """Restore optimizer, scheduler, scaler, EMA and RNG from one of our checkpoints (weights-only files: nothing)."""
+    """Restore optimizer, scaler, EMA and RNG from one of our checkpoints (weights-only files: nothing).
+
+    The optimizer keeps this run's hyperparameters (lr, weight decay, betas); the lr schedule is not restored but
+    rebuilt from this run's settings by the caller (as timm), so a changed --epochs or --lr takes effect."""
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         print('checkpoint has weights only: training starts at epoch 0 with a fresh optimizer')
         return {'epoch': -1, 'max_accuracy': 0.0, 'best_epoch': -1, 'max_accuracy_ema': 0.0}
     try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        utils.load_optimizer_state(optimizer, ckpt['optimizer'])   # keeps this run's lr, weight decay, ...
         if loss_scaler is not None and ckpt.get('scaler'):
             loss_scaler.load_state_dict(ckpt['scaler'])
         if model_ema is not None and ckpt.get('model_ema'):
@@ -346,6 +358,9 @@ def restore_training_state(ckpt: dict, optimizer, lr_scheduler, loss_scaler, mod
     else:
         utils.seed_everything(args.seed + args.rank + 1000 * (ckpt['epoch'] + 1))
     print(f"resumed from epoch {ckpt['epoch']} (best top-1 {ckpt.get('max_accuracy', 0.0):.2f}%)")
+    changes = options.changed_since(ckpt.get('args'), args)
+    if changes:
+        print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
     return {'epoch': ckpt['epoch'], 'max_accuracy': ckpt.get('max_accuracy', 0.0),
             'best_epoch': ckpt.get('best_epoch', -1), 'max_accuracy_ema': ckpt.get('max_accuracy_ema', 0.0)}
 
@@ -386,7 +401,7 @@ def evaluate_only(args, model, loader_val, device, amp_dtype, resume_path, check
         result = {**stats, 'checkpoint': resume_path or args.finetune or None, 'ema': args.eval_ema,
                   'model': args.model, 'input_size': args.input_size, 'eval_crop_ratio': args.eval_crop_ratio,
                   'data_set': args.data_set, 'world_size': args.world_size}
-        utils.write_json_atomic(result, os.path.join(args.output_dir, 'eval.json'))
+        utils.write_result_json(result, os.path.join(args.output_dir, 'eval.json'))
     return 0
 
 
