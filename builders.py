@@ -89,7 +89,7 @@ def build_teacher(args, device, num_classes: int):
             teacher = models.create_model(name, num_classes=num_classes, **{'img_size': args.input_size, **kwargs})
         else:
             teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, log=None)
+        models.load_pretrained(teacher, ckpt, drop_mismatched_head=False, strict=True, log=None)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"teacher '{name}' from {args.teacher_path}: {str(e).splitlines()[0]}") from None
     print(f'teacher: {name} from {args.teacher_path}')

@@ -4,6 +4,8 @@
 ``args.data_path``; DIGITS is scikit-learn's 8x8 digits (ships with the package), split once into a fixed, stratified,
 seeded train / held-out pair and upscaled to ``args.input_size``.
 """
+import codecs
+import io
 import os
 import pickle
 from typing import Tuple
@@ -22,6 +24,63 @@ DATASETS = ('IMNET', 'CIFAR', 'CIFAR10', 'DIGITS', 'FAKE')
 NUM_CLASSES = {'IMNET': 1000, 'CIFAR': 100, 'CIFAR10': 10, 'DIGITS': 10}
 DIGITS_HELD_OUT_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
+
+
+class CorruptImageError(UserError):
+    """An image file that cannot be read, named in one line.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from a text that holds the worker's traceback;
+    the constructor keeps only the last line, our own message."""
+
+    def __init__(self, message: str):
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split(f'{type(self).__name__}: ', 1)[-1])
+
+
+# what PIL raises for a file that is not a readable image (empty, truncated, another format, a decompression bomb)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's PIL loader, with an unreadable file reported as :class:`CorruptImageError` naming it."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except IMAGE_ERRORS as e:
+        raise CorruptImageError(f"cannot read image '{path}' ({_image_problem(path, e)}); remove or replace it, or "
+                                f"pass --skip-corrupt to leave unreadable images out") from None
+
+
+def _image_problem(path: str, e: Exception) -> str:
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return 'empty file'
+    if isinstance(e, Image.UnidentifiedImageError):
+        return 'not an image PIL can identify'
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def is_readable_image(path: str) -> bool:
+    """A cheap check of one file: PIL identifies it and its structure verifies (no full decode)."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except IMAGE_ERRORS:
+        return False
+
+
+def leave_out_unreadable(dataset: tv_datasets.ImageFolder) -> None:
+    """``--skip-corrupt``: drop the samples whose file fails :func:`is_readable_image`, and say how many."""
+    bad = {path for path, _ in dataset.samples if not is_readable_image(path)}
+    total = len(dataset.samples)
+    dataset.samples = [s for s in dataset.samples if s[0] not in bad]
+    dataset.imgs = dataset.samples
+    dataset.targets = [target for _, target in dataset.samples]
+    if bad:
+        print(f"--skip-corrupt: left out {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of {total} in "
+              f"{dataset.root} (first: {sorted(bad)[0]})")
+    if not dataset.samples:
+        raise UserError(f"no readable image in '{dataset.root}'")
 
 
 class ArrayImageDataset(torch.utils.data.Dataset):
@@ -72,9 +131,11 @@ def build_dataset(is_train: bool, args) -> Tuple[torch.utils.data.Dataset, int]:
             raise UserError(f"ImageNet folder '{root}' does not exist; --data-path must hold train/ and val/ "
                             f"class folders")
         try:
-            dataset = tv_datasets.ImageFolder(root, transform=transform)
+            dataset = tv_datasets.ImageFolder(root, transform=transform, loader=load_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"ImageNet folder '{root}' has no images: {str(e).splitlines()[0]}") from None
+        if getattr(args, 'skip_corrupt', False):
+            leave_out_unreadable(dataset)
         return dataset, len(dataset.classes)
     if name in ('CIFAR', 'CIFAR10'):
         images, targets, num_classes = _read_cifar(_data_path(args), is_train, cifar100=name == 'CIFAR')
@@ -115,13 +176,38 @@ def _read_cifar(root: str, is_train: bool, cifar100: bool):
                             f"(the extracted python version)")
         try:
             with open(path, 'rb') as f:
-                entry = pickle.load(f, encoding='bytes')
+                entry = CifarUnpickler(f).load()
             images.append(np.asarray(entry[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            targets.extend(entry[label_key])
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-            raise UserError(f"CIFAR file '{path}' is not a CIFAR python pickle ({type(e).__name__})") from None
+            targets.extend(int(t) for t in entry[label_key])
+        except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
+            reason = str(e) if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+            raise UserError(f"CIFAR file '{path}' is not a CIFAR python pickle ({reason})") from None
     images = np.concatenate(images).transpose(0, 2, 3, 1)  # N, 32, 32, 3
     return np.ascontiguousarray(images), targets, 100 if cifar100 else 10
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python pickles without running code: a pickle may call any importable function while it loads
+    (``os.system`` included), so only what CIFAR batches hold is allowed: dicts, lists, bytes, str, ints and numpy
+    arrays. Python 2 strings are read as bytes, as ``pickle.load(f, encoding='bytes')`` does."""
+
+    _RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]   # numpy's array rebuilder, wherever this numpy keeps it
+    ALLOWED = {
+        ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,   # files written by numpy 1 (the released ones)
+        ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,  # files written by numpy 2
+        ('numpy', 'ndarray'): np.ndarray,
+        ('numpy', 'dtype'): np.dtype,
+        ('_codecs', 'encode'): codecs.encode,                      # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def __init__(self, file: io.BufferedIOBase):
+        super().__init__(file, encoding='bytes')
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it asks for '{module}.{name}', which a CIFAR file never holds") from None
 
 
 def digits_split(is_train: bool, size: int):

@@ -27,14 +27,23 @@ from utils import DistInfo, UserError
 
 def main(argv=None) -> int:
     args = None
+    claim = utils.OutputClaim()
     try:
         args = options.parse_args(argv)
         dist = utils.init_distributed_mode(args.device, args.dist_url, args.dist_timeout, args.local_rank)
+        for note in options.adapt_to_machine(args):
+            print(f'note: {note}')
+        claim = utils.claim_output_dir(args.output_dir)
         return run(args, dist)
     except UserError as e:
         if utils.is_main_process():
             print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        if utils.is_main_process():
+            hint = utils.resume_hint(args.output_dir if args else '')
+            print(f'error: interrupted; {hint}', file=sys.stderr, flush=True)
+        return 130
     except NonFiniteLossError as e:
         last = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
         kept = f'the last good checkpoint is kept ({last})' if last and os.path.isfile(last) else 'no checkpoint yet'
@@ -43,6 +52,7 @@ def main(argv=None) -> int:
                   f'or --amp bf16/none.', file=sys.stderr, flush=True)
         return 1
     finally:
+        claim.release()
         utils.cleanup_distributed()
 
 
@@ -117,8 +127,12 @@ def run(args, dist: DistInfo) -> int:
 
     state = TrainState()
     if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, opt, args.seed, dist)
+        state = restore_checkpoint(checkpoint, opt, args, dist)
     start_epoch = max(args.start_epoch, state.epoch + 1)
+    if start_epoch > 0 and args.sched_on_updates:   # as timm's train.py: this run's schedule, at the epoch reached
+        lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    elif start_epoch > 0:
+        lr_scheduler.step(start_epoch)
     log_path = os.path.join(output_dir, 'log.txt') if output_dir else None
     if log_path and utils.is_main_process():
         utils.truncate_log(log_path, start_epoch - 1)
@@ -218,15 +232,17 @@ def checkpoint_contents(model, opt: Optimization, state: TrainState, rng_states:
     }
 
 
-def restore_checkpoint(ckpt: dict, opt: Optimization, seed: int, dist: DistInfo) -> TrainState:
-    """Restore optimizer, scheduler, scaler, EMA and RNG from :func:`checkpoint_contents`; a weights-only file gives
-    a fresh state. RNG states are restored when the checkpoint has one per process, else re-seeded per epoch."""
+def restore_checkpoint(ckpt: dict, opt: Optimization, args, dist: DistInfo) -> TrainState:
+    """Restore optimizer, scaler, EMA and RNG from :func:`checkpoint_contents`; a weights-only file gives a fresh
+    state. RNG states are restored when the checkpoint has one per process, else re-seeded per epoch.
+
+    The optimizer keeps this run's hyperparameters (lr, weight decay, betas); the lr schedule is not restored but
+    rebuilt from this run's settings by the caller (as timm), so a changed --epochs or --lr takes effect."""
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         print('checkpoint has weights only: training starts at epoch 0 with a fresh optimizer')
         return TrainState()
     try:
-        opt.optimizer.load_state_dict(ckpt['optimizer'])
-        opt.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        utils.load_optimizer_state(opt.optimizer, ckpt['optimizer'])   # keeps this run's lr, weight decay, ...
         if opt.loss_scaler is not None and ckpt.get('scaler'):
             opt.loss_scaler.load_state_dict(ckpt['scaler'])
         if opt.model_ema is not None and ckpt.get('model_ema'):
@@ -239,8 +255,11 @@ def restore_checkpoint(ckpt: dict, opt: Optimization, seed: int, dist: DistInfo)
     if rng and len(rng) == dist.world_size:
         utils.set_rng_state(rng[dist.rank])
     else:
-        random_seed(seed + 1000 * (state.epoch + 1), dist.rank)
+        random_seed(args.seed + 1000 * (state.epoch + 1), dist.rank)
     print(f'resumed from epoch {state.epoch} (best top-1 {state.max_accuracy:.2f}%)')
+    changes = options.changed_since(ckpt.get('args'), args)
+    if changes:
+        print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
     return state
 
 
@@ -271,16 +290,12 @@ def load_resume_checkpoint(path: str, model, num_classes: int, args) -> dict:
     data set's is an error (use --finetune to start from weights of another class count)."""
     try:
         ckpt = models.load_checkpoint_file(path)
-        state_dict = models.extract_state_dict(ckpt, use_ema=args.eval_ema)
-        missing, unexpected = models.load_pretrained(model, state_dict, drop_mismatched_head=False, log=None)
+        models.load_pretrained(model, ckpt, use_ema=args.eval_ema, drop_mismatched_head=False, strict=True, log=None)
     except models.ClassCountError as e:
         raise UserError(f"checkpoint {path} has {e.checkpoint_classes} classes but data set {args.data_set} has "
                         f"{num_classes}; use --finetune to start from it with a new head") from None
     except models.CheckpointError as e:
-        raise UserError(str(e)) from None
-    if missing or unexpected:
-        raise UserError(f'checkpoint {path} does not match model {args.model}: missing {missing[:4]}, '
-                        f'unexpected {unexpected[:4]}')
+        raise UserError(f'{path}: {e}') from None
     print(f'loaded weights from {path}' + (' (EMA)' if args.eval_ema else ''))
     return ckpt
 
@@ -302,7 +317,7 @@ def evaluate_only(args, dist: DistInfo, model, loader_val, loop: LoopOptions, re
                   'gmacs_convention': 'fvcore', 'input_size': args.input_size, 'crop_pct': data['crop_pct'],
                   'interpolation': data['interpolation'], 'mean': list(data['mean']), 'std': list(data['std']),
                   'data_set': args.data_set, 'world_size': dist.world_size}
-        utils.write_json_atomic(result, os.path.join(args.output_dir, 'eval.json'))
+        utils.write_result_json(result, os.path.join(args.output_dir, 'eval.json'))
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 from timm.data import resolve_data_config
 
 import models
+import utils
 from utils import ArgumentParser, UserError
 
 # model constructor arguments that main.py sets itself from its own options
@@ -50,6 +51,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add(g, 'start_epoch', type=int, default=0)
     _add(g, 'eval', action='store_true', help='only evaluate (--resume or --finetune weights) and write eval.json')
     _add(g, 'eval_ema', action='store_true', help='with --eval: score the EMA weights of the checkpoint')
+    _add(g, 'random_weights', action='store_true', help='with --eval and no --resume/--finetune: score the randomly '
+                                                        'initialised model (a chance-level baseline) on purpose')
     _add(g, 'print_freq', type=int, default=10)
     _add(g, 'max_steps_per_epoch', type=int, default=0, help='cap on training steps per epoch (smoke tests); 0 = all')
     _add(g, 'amp', type=str, default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
@@ -132,6 +135,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                                               "model's (ImageNet)")
     _add(g, 'std', type=float, nargs='+', default=None, help="normalisation std (1 or 3 numbers); default: the "
                                                              "model's (ImageNet)")
+    _add(g, 'skip_corrupt', action='store_true', help='IMNET: check every image file first and leave out those '
+                                                      'that cannot be read (else one would stop the run)')
     _add(g, 'num_workers', type=int, default=10)
     _add(g, 'pin_mem', action=on_off, default=True)
     _add(g, 'persistent_workers', action=on_off, default=True)
@@ -174,7 +179,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     model's constructor arguments). Raises :class:`UserError` with one line on any bad key or value."""
     args, extras = _parser(False).parse_known_args(argv)
     explicit = vars(_parser(True).parse_known_args(argv)[0])
-    model_kwargs = {}
+    model_kwargs, config = {}, {}
     if args.config:
         config = load_json_config(args.config)
         actions = {a.dest: a for a in get_args_parser()._actions}
@@ -194,15 +199,28 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if not args.output_dir and args.exp_name:
         args.output_dir = os.path.join('outputs', args.exp_name)
     _check_values(args)
+    if args.eval and args.output_dir and 'output_dir' not in explicit:
+        args.output_dir = os.path.join(args.output_dir, eval_folder_name(args))
+    args.given = sorted(set(explicit) | set(config))
     return args
+
+
+def eval_folder_name(args) -> str:
+    """The folder an --eval run writes into when --output_dir is not on the command line (the config's output_dir
+    is the training run's): named after the scored weights, e.g. ``eval-best_checkpoint`` or ``eval-ema-checkpoint``."""
+    weights = args.resume or args.finetune
+    stem = os.path.splitext(os.path.basename(os.path.normpath(weights)))[0] if weights else 'random-weights'
+    return f"eval-{'ema-' if args.eval_ema else ''}{stem}"
 
 
 def load_json_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"config file '{path}' not found")
     try:
-        with open(path) as f:
-            config = json.load(f)
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f, object_pairs_hook=lambda pairs: _no_duplicates(pairs, path))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}); a config is a JSON file") from None
     except json.JSONDecodeError as e:
         raise UserError(f"config file '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
             from None
@@ -243,10 +261,27 @@ def _resolve_data_config(args) -> None:
     args.mean, args.std = [float(v) for v in resolved['mean']], [float(v) for v in resolved['std']]
 
 
+def _no_duplicates(pairs, path: str) -> dict:
+    """``json.load`` hook: a key given twice is an error (JSON itself would silently keep the last one)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise UserError(f"config file '{path}' has key '{key}' twice; keep one")
+        out[key] = value
+    return out
+
+
+# options whose value may be null in a config: those that default to None, and these (null = timm's default)
+NULLABLE = {'opt_eps'}
+
+
 def _coerce(action, key, value, source):
     """Check a JSON value against the option's type and choices."""
     if value is None:
-        return None
+        if action.default is None or key in NULLABLE:
+            return None
+        kind = {int: 'an integer', float: 'a number', str: 'a string'}.get(action.type, 'true or false')
+        raise UserError(f"'{key}' in {source} must be {kind}, got null")
     if action.type is parse_token_reduction:
         if not isinstance(value, dict):
             raise UserError(f"'{key}' in {source} must be a JSON object or null, got {value!r}")
@@ -313,9 +348,36 @@ def _check_model_kwargs(model: str, model_kwargs: dict, source: str) -> None:
                             + _suggest(key, option_names() + accepted))
 
 
+# numeric options and their lowest valid value (a wrong one would fail with a traceback, or only after an epoch)
+AT_LEAST = {'epochs': 1, 'input_size': 1, 'print_freq': 1, 'prefetch_factor': 1, 'dist_timeout': 1,
+            'fake_train_size': 1, 'fake_val_size': 1, 'fake_num_classes': 1, 'lr': 0, 'min_lr': 0, 'warmup_lr': 0,
+            'weight_decay': 0, 'num_workers': 0, 'warmup_epochs': 0, 'cooldown_epochs': 0, 'start_epoch': 0,
+            'max_steps_per_epoch': 0, 'drop': 0, 'drop_path': 0, 'smoothing': 0, 'mixup': 0, 'cutmix': 0,
+            'reprob': 0, 'model_ema_decay': 0}
+# model constructor arguments that are sizes or counts: every number in them must be positive
+POSITIVE_MODEL_ARGS = ('patch_size', 'stride', 'embed_dim', 'base_dims', 'head_dim', 'num_heads', 'heads', 'depth',
+                       'depths', 'num_blocks', 'in_chans', 'pool_kernel_size', 'pool_stride', 'mlp_ratio',
+                       'stem_mlp_ratio')
+
+
 def _check_values(args) -> None:
     if args.batch_size < 1 or args.accum_steps < 1:
         raise UserError('--batch-size and --accum-steps must be >= 1')
+    for key, lowest in AT_LEAST.items():
+        if getattr(args, key) < lowest:
+            raise UserError(f"--{key.replace('_', '-')} must be >= {lowest}, got {getattr(args, key)}")
+    if args.eval_batch_scale <= 0:
+        raise UserError(f'--eval-batch-scale must be > 0, got {args.eval_batch_scale}')
+    for key in POSITIVE_MODEL_ARGS:
+        value = args.model_kwargs.get(key)
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 for v in numbers):
+            raise UserError(f"model argument '{key}' must be > 0, got {value!r}")
+    if args.eval and not (args.resume or args.finetune or args.random_weights):
+        raise UserError('--eval needs weights to score: --resume CHECKPOINT or --finetune WEIGHTS (add '
+                        '--random-weights to score a randomly initialised model on purpose)')
+    if args.random_weights and (args.resume or args.finetune or not args.eval):
+        raise UserError('--random-weights only applies with --eval and without --resume/--finetune')
     if args.bce_loss and args.smoothing > 0:
         raise UserError('--bce-loss needs --smoothing 0 (with smoothing every BCE target becomes positive)')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -324,9 +386,44 @@ def _check_values(args) -> None:
         raise UserError('--eval-ema only applies with --eval')
 
 
+def adapt_to_machine(args) -> List[str]:
+    """Fit the data-loading options to this machine; returns a note for each change the user should hear of.
+
+    ``--num-workers`` is capped at the CPUs available (more only oversubscribes them, and DataLoader warns), and
+    ``--pin-mem`` is off unless the device is CUDA (it has no effect otherwise). A default that is changed is not
+    worth a note; a value the user gave (flag or config) is."""
+    notes = []
+    cpus = utils.cpu_count()
+    if args.num_workers > cpus:
+        if 'num_workers' in args.given:
+            notes.append(f'--num-workers {args.num_workers} capped at the {cpus} CPUs available')
+        args.num_workers = cpus
+    if args.pin_mem and not str(args.device).startswith('cuda'):
+        if 'pin_mem' in args.given:
+            notes.append(f'--pin-mem has no effect without a CUDA device (device {args.device}); pinned memory '
+                         f'is off')
+        args.pin_mem = False
+    return notes
+
+
+# settings of the optimizer and schedule that a resumed run may change (see changed_since)
+RESUMABLE_SETTINGS = ('epochs', 'lr', 'unscale_lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'cooldown_epochs',
+                      'decay_epochs', 'decay_rate', 'sched', 'sched_on_updates', 'weight_decay', 'momentum',
+                      'opt_eps', 'opt_betas', 'batch_size', 'accum_steps', 'world_size', 'clip_grad')
+
+
+def changed_since(saved: Optional[dict], args) -> List[str]:
+    """``['epochs 3 -> 5', 'lr 0.001 -> 0.002']``: optimizer and schedule settings of ``args`` that differ from the
+    ``args`` a checkpoint recorded (``saved``)."""
+    if not isinstance(saved, dict):
+        return []
+    return [f'{key} {saved[key]} -> {getattr(args, key)}' for key in RESUMABLE_SETTINGS
+            if key in saved and saved[key] != getattr(args, key)]
+
+
 def resolved_config(args) -> dict:
     """What config.json records: every option plus the model's constructor arguments."""
-    skip = {'config', 'model_kwargs', 'rank', 'local_rank', 'distributed'}
+    skip = {'config', 'model_kwargs', 'rank', 'local_rank', 'distributed', 'given'}
     out = {k: v for k, v in vars(args).items() if k not in skip}
     out.update(args.model_kwargs)
     return out

@@ -4,10 +4,10 @@ checkpoint.
     python run_with_submitit.py --nodes 2 --ngpus 8 --partition gpu --timeout 2800 \\
         --config config/hvt-s-1.json --data-set IMNET --data-path /imagenet --output_dir /checkpoint/hvt-s-1
 
-Every flag of main.py is accepted and passed through. ``--executor local`` runs the job on this machine through
-submitit's LocalExecutor (used by the tests).
+Every flag of main.py is accepted and passed through; main.py's arguments and config are checked here, before
+anything is submitted. ``--executor local`` runs the job on this machine through submitit's LocalExecutor (used by
+the tests). A run that fails (main.py's exit code is not 0) fails the job.
 """
-import argparse
 import os
 import sys
 import uuid
@@ -15,9 +15,22 @@ from pathlib import Path
 
 import submitit
 
+import options
+import utils
+from utils import ArgumentParser, UserError
+
+
+class RunFailed(RuntimeError):
+    """main.py returned a non-zero exit code inside the job: raised so that submitit marks the job as failed."""
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser('Submit main.py through submitit', allow_abbrev=False)
+    parser = ArgumentParser(
+        'run_with_submitit.py', allow_abbrev=False,
+        description='Submit main.py to SLURM through submitit (requeued on timeout, resumed from the last '
+                    'checkpoint).',
+        epilog='Every other flag goes to main.py (see python main.py --help) and is checked before submitting. '
+               'The output folder is --output_dir, or the output_dir / exp_name of the --config.')
     parser.add_argument('--ngpus', type=int, default=8, help='GPUs (tasks) per node')
     parser.add_argument('--nodes', type=int, default=1)
     parser.add_argument('--timeout', type=int, default=2800, help='minutes per job; the job is requeued after it')
@@ -33,17 +46,6 @@ def parse_args(argv=None):
     parser.add_argument('--max_num_timeout', '--max-num-timeout', type=int, default=30, help='requeues allowed')
     args, main_argv = parser.parse_known_args(argv)
     return args, main_argv
-
-
-def _output_dir(main_argv):
-    """The --output_dir / --output-dir value among main.py's flags (required: checkpoints must outlive the job)."""
-    for i, token in enumerate(main_argv):
-        for flag in ('--output_dir', '--output-dir'):
-            if token == flag and i + 1 < len(main_argv):
-                return main_argv[i + 1]
-            if token.startswith(flag + '='):
-                return token.split('=', 1)[1]
-    return ''
 
 
 class Trainer:
@@ -63,7 +65,10 @@ class Trainer:
             os.environ.setdefault('MASTER_PORT', '29500')
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import main
-        return main.main(argv)
+        code = main.main(argv)
+        if code != 0:
+            raise RunFailed(f'main.py exited with code {code} (its error is above)')
+        return code
 
     def checkpoint(self):
         """Called by submitit on timeout or pre-emption: requeue the same job; main.py auto-resumes from
@@ -80,11 +85,24 @@ def _new_init_file(folder: Path) -> str:
     return str(path)
 
 
-def submit(argv=None):
+def check(argv):
+    """Parse our flags and check main.py's arguments, config and output folder as main.py would; returns
+    (our args, main.py's argv, main.py's output folder) or raises :class:`UserError`."""
     args, main_argv = parse_args(argv)
-    output_dir = _output_dir(main_argv)
-    if not output_dir:
-        print('error: pass --output_dir (checkpoints must outlive the job for requeue-to-resume)', file=sys.stderr)
+    main_args = options.parse_args(main_argv)
+    if not main_args.output_dir:
+        raise UserError('pass --output_dir (or output_dir in the config): checkpoints must outlive the job for '
+                        'requeue-to-resume')
+    utils.check_output_dir(main_args.output_dir)
+    return args, main_argv, main_args.output_dir
+
+
+def submit(argv=None):
+    """Submit the job; returns it, or 2 after a one-line error (nothing submitted)."""
+    try:
+        args, main_argv, output_dir = check(argv)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
         return 2
     job_dir = Path(args.job_dir or os.path.join(output_dir, 'submitit'))
     job_dir.mkdir(parents=True, exist_ok=True)

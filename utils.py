@@ -1,9 +1,13 @@
 """Distributed helpers, metric logging, RNG state, atomic checkpoint writes."""
 import argparse
 import datetime
+import errno
+import fcntl
 import json
 import os
 import random
+import shutil
+import socket
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -129,6 +133,32 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def first_on_main(fn):
+    """Run ``fn()`` on rank 0 only and return its result there (None elsewhere). A :class:`UserError` it raises is
+    raised on every rank, so no process waits for a peer that has stopped."""
+    result, message = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except UserError as e:
+            message = str(e)
+    if is_dist():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise UserError(message)
+    return result
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the figure DataLoader's worker warning uses)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 # ----------------------------------------------------------------------------------------------------------- logging
 
 class SmoothedValue:
@@ -240,20 +270,172 @@ def _to_tuples(x):
 # ----------------------------------------------------------------------------------------------------------- files
 
 def save_on_master(obj, path: str) -> None:
-    """``torch.save`` atomically (temporary file in the same folder, then ``os.replace``), rank 0 only."""
+    """``torch.save`` atomically (temporary file in the same folder, then ``os.replace``), rank 0 only.
+
+    A failed write (disk full, quota, file-size limit) or an interruption removes the partial temporary file and
+    leaves the previous ``path`` as it was; a failed write raises :class:`UserError`."""
     if not is_main_process():
         return
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_json_atomic(obj, path: str) -> None:
+    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(f)`` into ``path.tmp`` (a Python file, so every failed write raises), fsync, then ``os.replace``;
+    on any failure the temporary file is removed and ``path`` is left as it was."""
     tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as RuntimeError
+        _remove_quietly(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else 'the write failed'
+        kept = 'the previous file is kept' if os.path.exists(path) else 'no previous file'
+        raise UserError(f'cannot write {path}: {reason} ({_free_space(path)}); {kept}') from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _free_space(path: str) -> str:
+    try:
+        return f'{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20:.0f} MB free there'
+    except OSError:
+        return 'free space unknown'
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Restore the optimizer's moments and step counts from ``state`` but keep the hyperparameters its param
+    groups have now (lr, initial_lr, weight decay, betas, eps, lr_scale): the command line of the resumed run wins."""
+    current = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+
+
+def resume_hint(output_dir: str) -> str:
+    """Where an interrupted run can be resumed from, in words."""
+    path = os.path.join(output_dir, 'checkpoint.pth') if output_dir else ''
+    if path and os.path.isfile(path):
+        return f'{path} holds the last completed epoch; the same command resumes from it'
+    return 'no checkpoint was written'
+
+
+# ----------------------------------------------------------------------------------------------------- output folder
+
+LOCK_NAME = 'run.lock'
+
+
+def check_output_dir(path: str) -> bool:
+    """Create ``path`` if needed and prove it writable (a probe file is written, synced and removed), so that an
+    unusable output folder fails now, in one line, and not after the first epoch. Returns True if it was created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"output folder '{path}' exists and is not a folder; choose another --output_dir")
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder '{path}': {e.strerror}; choose another --output_dir") from None
+    probe = os.path.join(path, f'.write-probe-{os.getpid()}')
+    try:
+        with open(probe, 'wb') as f:
+            f.write(b'\0' * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"output folder '{path}' is not writable: {e.strerror}; choose another --output_dir") \
+            from None
+    finally:
+        _remove_quietly(probe)
+    return created
+
+
+def lock_output_dir(path: str):
+    """Take ``path/run.lock`` (an flock: released by the kernel when the process ends, even when killed) and write
+    our pid and host into it. A second run into the same folder gets :class:`UserError` naming the holder."""
+    lock_path = os.path.join(path, LOCK_NAME)
+    while True:
+        f = open(lock_path, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                f.close()
+                raise UserError(f"cannot lock output folder '{path}': {e.strerror}") from None
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            f.close()
+            raise UserError(f"output folder '{path}' is in use by {holder}; wait for that run to end or choose "
+                            f"another --output_dir") from None
+        try:
+            same_file = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:   # not a file its previous holder removed between our open and our lock
+            break
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime("%Y-%m-%d %H:%M:%S")})\n')
+    f.flush()
+    return f
+
+
+def unlock_output_dir(lock) -> None:
+    """Remove the lock file, then release the lock."""
+    _remove_quietly(lock.name)
+    lock.close()
+
+
+class OutputClaim:
+    """The output folder of this run, checked and locked on rank 0 (see :func:`claim_output_dir`)."""
+
+    def __init__(self, path: str = '', created: bool = False, lock=None):
+        self.path, self.created, self.lock = path, created, lock
+
+    def release(self) -> None:
+        """Unlock; a folder this run created and left empty (it failed before writing anything) is removed."""
+        if self.lock is not None:
+            unlock_output_dir(self.lock)
+            self.lock = None
+        if self.created and os.path.isdir(self.path) and not os.listdir(self.path):
+            os.rmdir(self.path)
+
+
+def claim_output_dir(path: str) -> OutputClaim:
+    """Check ``path`` (created, writable) and lock it, on rank 0; every rank raises the same :class:`UserError`."""
+    if not path:
+        return OutputClaim()
+
+    def claim():
+        created = check_output_dir(path)
+        try:
+            return OutputClaim(path, created, lock_output_dir(path))
+        except UserError:
+            OutputClaim(path, created).release()
+            raise
+
+    return first_on_main(claim) or OutputClaim()
+
+
+def write_result_json(obj, path: str) -> None:
+    """Write a result file; replacing an earlier one is said, never silent."""
+    if os.path.isfile(path):
+        print(f'note: replacing {path}')
+    write_json_atomic(obj, path)
 
 
 def read_log(path: str) -> list:

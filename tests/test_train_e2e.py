@@ -73,7 +73,7 @@ def test_eval_only_scores_checkpoint_exactly(digits_run, tmp_path):
 def test_eval_only_does_not_need_the_training_set(fake_imagenet, tmp_path):
     val_only = tmp_path / 'imnet'
     shutil.copytree(fake_imagenet / 'val', val_only / 'val')
-    res = run_script([*TINY_HVT, *FAST, '--data-set', 'IMNET', '--data-path', val_only, '--eval',
+    res = run_script([*TINY_HVT, *FAST, '--data-set', 'IMNET', '--data-path', val_only, '--eval', '--random-weights',
                       '--output_dir', tmp_path / 'out'])
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / 'out' / 'eval.json').read_text())['n_samples'] == 12
