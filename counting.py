@@ -69,6 +69,71 @@ NON_MATMUL_HANDLES: Dict[str, Optional[Handle]] = {
 }
 
 
+# ------------------------------------------------------------------------------------- seed 003's counter ("expedit")
+# Expedit-SWAG's tools/flop_count.py + jit_handles.py (a detectron2-derived JIT counter): one multiply-accumulate is
+# one, a linear's bias counts as one more input, and element-wise ops are counted per output element. Ops it lists
+# as ignored (indexing, gather, scatter, sort, mean, sum, exp, log, sqrt, pow ...) and ops it does not know cost 0.
+
+def _jit_shape(value) -> List[int]:
+    """Shape of a traced value as that counter read it: tensors their sizes ([1] for 0-d), numbers [1]."""
+    if value.isCompleteTensor():
+        return [int(d) for d in value.type().sizes()] or [1]
+    return [1] if value.type().kind() in ('IntType', 'FloatType') else [0]
+
+
+def _expedit_linear(inputs, outputs) -> int:
+    """``aten::linear``: rows x out x (in + 1), the bias counted as one more input (with or without a bias)."""
+    *rows, in_dim = _jit_shape(inputs[0])
+    return math.prod(rows) * _jit_shape(inputs[1])[0] * (in_dim + 1)
+
+
+def _expedit_matmul(inputs, outputs) -> int:
+    """``aten::matmul``: numel(A) x B's last dimension."""
+    return math.prod(_jit_shape(inputs[0])) * _jit_shape(inputs[1])[-1]
+
+
+def _expedit_broadcast(inputs, outputs) -> int:
+    """Element-wise ops: the element count of the inputs' broadcast shape."""
+    shapes = [_jit_shape(v) for v in inputs]
+    ndim = max(len(shape) for shape in shapes)
+    padded = [[1] * (ndim - len(shape)) + shape for shape in shapes]
+    return math.prod(max(dims) for dims in zip(*padded))
+
+
+def _expedit_per_element(factor: int) -> Handle:
+    """``factor`` per element of the first input: layer/batch norm 4, softmax 5, rsqrt 2, dropout 1."""
+    return lambda inputs, outputs: factor * math.prod(_jit_shape(inputs[0]))
+
+
+def _expedit_sdpa(inputs, outputs) -> int:
+    """``scaled_dot_product_attention`` as the explicit path the counter saw on torch 1.10: the query scaling (q
+    numel), q·kᵀ and attn·v, softmax (5 per logit) and, with an additive mask, one add per logit."""
+    q, k, v = (_jit_shape(inputs[i]) for i in range(3))
+    logits = math.prod(q[:-1]) * k[-2]
+    masked = len(inputs) > 3 and inputs[3].type().kind() != 'NoneType'
+    return math.prod(q) + logits * (q[-1] + v[-1]) + 5 * logits + (logits if masked else 0)
+
+
+_EXPEDIT_ELEMENTWISE = ('add', 'add_', 'mul', 'sub', 'div', 'exp_', 'floor_divide', 'relu', 'relu_',
+                        'gelu', 'linalg_norm', 'cumsum')
+EXPEDIT_HANDLES: Dict[str, Optional[Handle]] = {
+    'aten::linear': _expedit_linear,
+    'aten::addmm': fv.addmm_flop_jit,
+    'aten::matmul': _expedit_matmul,
+    'aten::mm': _expedit_matmul,
+    'aten::bmm': fv.bmm_flop_jit,
+    'aten::einsum': fv.einsum_flop_jit,
+    'aten::_convolution': fv.conv_flop_jit,
+    'aten::layer_norm': _expedit_per_element(4),
+    'aten::batch_norm': _expedit_per_element(4),
+    'aten::softmax': _expedit_per_element(5),
+    'aten::rsqrt': _expedit_per_element(2),
+    'aten::dropout': _expedit_per_element(1),
+    **{f'aten::{op}': _expedit_broadcast for op in _EXPEDIT_ELEMENTWISE},
+    **{op: _expedit_sdpa for op in SDPA_OPS},
+}
+
+
 @dataclass(frozen=True)
 class Convention:
     """What one counter sums.
@@ -95,6 +160,11 @@ CONVENTIONS: Dict[str, Convention] = {
         'fvcore on the <model>_distilled twin (two class tokens): the PiT paper\'s FLOPs equal those counts '
         '(our inference, not stated by the authors)',
         {**MATMUL_HANDLES, **NON_MATMUL_HANDLES}, twin_suffix='_distilled'),
+    'expedit': Convention(
+        'seed 003\'s counter (Expedit-SWAG tools/flop_count.py): MACs, a linear\'s bias as one more input, '
+        'LayerNorm 4 and softmax 5 per element, adds, muls, divs, GELU and dropout 1 per element; what its tables '
+        'print as "GFLOPs"',
+        EXPEDIT_HANDLES),
 }
 
 # ops that are (or may hide) multiply-accumulates; uncounted, they make the count wrong, so counting stops
