@@ -10,7 +10,7 @@ import models
 from models import apply_token_reduction, create_model, token_schedule
 from models.layers import set_fused_attn
 from models.vit import VisionTransformer
-from vit_reference import attention, embed, head, layer_norm, mlp, plain_forward, tiny_vit
+from vit_reference import attention, embed, expedit_gmacs, head, layer_norm, mlp, plain_forward, tiny_vit
 
 
 # ------------------------------------------------------------------------------------------ the reference (§3.1)
@@ -137,6 +137,23 @@ def test_schedule_swag_h14_r40():
     assert schedule['tokens_out'] == 90
 
 
+@pytest.mark.parametrize('geometry, published', [
+    ((512, 16, 1024, 24), {10: 317.5, 20: 271.2, 40: 184.3}),
+    ((518, 14, 1280, 32), {10: 890.0, 20: 760.0, 40: 516.9})], ids=['L16', 'H14'])
+def test_schedule_gives_the_published_gflops(geometry, published):
+    """Seed 003's ToMe GFLOPs from our schedule by §4.2's closed form, with ToMe's own counted ops: log(size) added
+    to the logits from the second block on, the even·oddᵀ matching matmul, the metric's normalising division and
+    the size weighting (x·size before the merge, ÷size after)."""
+    img_size, patch_size, width, depth = geometry
+    head_dim = width // 16
+    for r, gflops in published.items():
+        schedule = pairs(token_schedule(meta_vit(*geometry), {'method': 'tome', 'r': r}))
+        extra = sum(16 * n * n for n, _ in schedule[1:])
+        extra += sum((n + 1) // 2 * (n // 2) * head_dim + n * head_dim + n * width + n_mlp * width
+                     for n, n_mlp in schedule)
+        assert round(expedit_gmacs(schedule, width, 16, patch_size, img_size, extra), 1) == gflops
+
+
 def test_schedule_cap_binds():
     """r = 42 on L/16: the last block has 59 tokens, so only (59 - 1) // 2 = 29 can be merged."""
     schedule = token_schedule(meta_vit(512, 16, 1024, 24), {'method': 'tome', 'r': 42})
@@ -209,15 +226,15 @@ def test_batch_one_equals_batch_two_and_copies():
 
 
 def test_bf16_autocast_close_to_fp32():
-    torch.manual_seed(0)
-    model = create_model('deit_tiny', img_size=96, token_reduction={'method': 'tome', 'r': 2}).eval()
-    images = torch.randn(2, 3, 96, 96)
+    model = tiny_vit(seed=0)               # distinct keys: DeiT's init ties them below bf16's resolution
+    apply_token_reduction(model, {'method': 'tome', 'r': 7})
+    images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         reference = model(images)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(images)
     assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    torch.testing.assert_close(low.float(), reference, rtol=0, atol=0.02 * reference.abs().max().item())
 
 
 def test_models_package_exports():

@@ -76,3 +76,16 @@ def plain_forward(model, images):
         x = x + attention(block, x)[0]
         x = x + mlp(block, x)
     return head(model, x)
+
+
+def expedit_gmacs(pairs, embed_dim, num_heads, patch_size, img_size, extra=0, num_classes=1000):
+    """Seed 003's "GFLOPs" of a SWAG ViT in closed form (token_reduction.md §4.2) from the (attention tokens, MLP
+    tokens) of each block: MACs with a linear's bias as one more input, plus LayerNorm 4, softmax 5, GELU, adds,
+    scaling and dropout per element; ``extra`` adds a method's own counted ops."""
+    D, h = embed_dim, num_heads
+    total = 0
+    for n, n_mlp in pairs:
+        total += 3 * n * D * (D + 1) + n * D * (D + 1) + 2 * n * n * D + 5 * h * n * n + 7 * n * D
+        total += n_mlp * 4 * D * (D + 1) + n_mlp * D * (4 * D + 1) + 14 * n_mlp * D
+    total += img_size * img_size * D * 3 + 2 * pairs[0][0] * D + 4 * pairs[-1][1] * D + num_classes * (D + 1)
+    return (total + extra) / 1e9
