@@ -97,8 +97,8 @@ def test_log_size_bias_same_under_sdpa_and_explicit():
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
 
 
-def test_tome_on_deit_small_the_papers_setting():
-    """ToMe's paper setting, DeiT-S at 224 with r = 13: 197 tokens lose 13 per block, 41 are left."""
+def test_tome_on_deit_small():
+    """DeiT-S at 224 with r = 13, the ToMe README's ViT-S/16 setting: 197 tokens lose 13 per block, 41 are left."""
     torch.manual_seed(0)
     model = create_model('deit_small', token_reduction={'method': 'tome', 'r': 13}).eval()
     schedule = token_schedule(model)
