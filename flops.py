@@ -115,10 +115,18 @@ def _setting(config_path: str) -> str:
 
 
 def all_jobs(config_dir: str, table: List[published.Published], argv: Sequence[str],
-             token_reduction_given: bool) -> List[Job]:
+             token_reduction_given: bool, seeds: Sequence[str] = ()) -> List[Job]:
     """Every config of ``config_dir``, then every published row whose setting no config has (a config at another
-    token-reduction setting, or a model). With ``--token-reduction`` given, the configs only, at that setting."""
-    paths = builders.config_files(config_dir)
+    token-reduction setting, or a model). With ``--token-reduction`` given, the configs only, at that setting.
+    ``seeds`` (e.g. ``['003']``) keeps the rows of those seeds and the configs that have no published row."""
+    if seeds:
+        seeded = {row.config for row in table if row.config}
+        table = [row for row in table if row.seed in seeds]
+        kept = {row.config for row in table if row.config}
+        paths = [p for p in builders.config_files(config_dir)
+                 if config_name(p) in kept or config_name(p) not in seeded]
+    else:
+        paths = builders.config_files(config_dir)
     jobs = [Job(p, tuple(argv)) for p in paths]
     if token_reduction_given:
         return jobs
@@ -293,6 +301,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--convention', default=None,
                    help=f"{' | '.join(counting.CONVENTIONS)}; default: the published row's, else fvcore")
     p.add_argument('--published', default=published.DATA_FILE, help='published numbers (default: data/published.json)')
+    p.add_argument('--seed', action='append', default=[], metavar='NNN',
+                   help="--all: only the published rows of this seed (000 HVT, 001 HiViT, 002 PiT/DeiT, 003 "
+                        "token reduction on SWAG; repeatable) and the configs without a published row")
     p.add_argument('--jobs', type=int, default=1, help='--all: count in this many processes')
     p.add_argument('--detail', action='store_true', help='per module, operator, stage and block (token counts)')
     fmt = p.add_mutually_exclusive_group()
@@ -319,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if given:
             overrides += ['--token-reduction', json.dumps(args.token_reduction)]
         if args.all:
-            jobs = all_jobs(args.config_dir, table, overrides, given)
+            jobs = all_jobs(args.config_dir, table, overrides, given, args.seed)
             rows = report_all(jobs, table, args.convention, args.detail, args.jobs)
         else:
             rows = [report(Job(args.config, tuple(overrides)), table, args.convention, args.detail)]

@@ -17,7 +17,7 @@ DATA_FILE = os.path.join(REPO, 'data', 'published.json')
 
 _REQUIRED = ('config', 'model', 'token_reduction', 'resolution', 'num_classes', 'family', 'convention', 'gmacs',
              'params_m', 'source', 'seed')
-_OPTIONAL = ('note',)
+_OPTIONAL = ('note', 'fps', 'throughput', 'acc1')
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class Published:
     source: str
     seed: str
     note: Optional[str] = None
+    fps: Optional[str] = None          # seed 003: images/s at batch 1, as printed
+    throughput: Optional[str] = None   # seed 003: images/s at a large batch, as printed
+    acc1: Optional[str] = None         # seed 003: ImageNet top-1, as printed
 
     @property
     def label(self) -> str:
@@ -99,7 +102,8 @@ def _is_number_text(value) -> bool:
 def find(rows: List[Published], config: Optional[str], model: str,
          token_reduction: Optional[dict]) -> Optional[Published]:
     """The row published for this config (or, failing that, for this model) at this token-reduction setting."""
-    same_setting = [r for r in rows if r.token_reduction == token_reduction]
+    setting = canonical_setting(token_reduction)
+    same_setting = [r for r in rows if canonical_setting(r.token_reduction) == setting]
     for row in same_setting:
         if row.config is not None and row.config == config:
             return row
@@ -107,6 +111,20 @@ def find(rows: List[Published], config: Optional[str], model: str,
         if row.config is None and row.model == model:
             return row
     return None
+
+
+def canonical_setting(spec: Optional[dict]) -> Optional[dict]:
+    """A token-reduction spec with the method's defaults filled in, so that a spec that spells out a default matches a
+    row that leaves it out (an unknown method is compared as given)."""
+    if spec is None:
+        return None
+    from models.token_reduction import METHODS
+    from models.token_reduction.core import REQUIRED
+    method = METHODS.get(spec.get('method'))
+    if method is None:
+        return dict(spec)
+    defaults = {k: p.default for k, p in method.params.items() if p.default is not REQUIRED}
+    return {**defaults, **spec}
 
 
 def compare(exact_units: Decimal, printed: Optional[str]) -> Tuple[Optional[float], Optional[bool]]:

@@ -43,7 +43,7 @@ EXACT_PARAMS = {
     'hivit-tiny': 19_180_900, 'hivit-small': 37_525_696, 'hivit-base': 79_050_792,
 }
 SEED_CONVENTION = {'HVT': 'ptflops', 'DeiT': 'fvcore', 'HiViT': 'fvcore'}
-PUBLISHED = {row.config: row for row in published.load()}
+PUBLISHED = {row.config: row for row in published.load() if row.seed != '003'}  # seed 003: test_expedit_flops.py
 MUST_EXIST = [name for name, row in PUBLISHED.items() if row.family in ('HVT', 'DeiT')]
 
 
@@ -54,8 +54,10 @@ def printed_round(exact: int, scale: int, printed: str) -> Decimal:
 
 @pytest.fixture(scope='module')
 def all_rows():
-    """``flops.py --all --json`` once for the whole module (every config counted once)."""
-    result = run_script(['--all', '--json', '--jobs', '2'], script='flops.py', timeout=900)
+    """``flops.py --all --json`` once for the whole module, for seeds 000-002 (every config of theirs and every
+    config without a published row counted once); seed 003's SWAG rows are checked in tests/test_expedit_flops.py."""
+    result = run_script(['--all', '--json', '--jobs', '2', '--seed', '000', '--seed', '001', '--seed', '002'],
+                        script='flops.py', timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout)
     assert isinstance(rows, list)
@@ -71,7 +73,7 @@ def _run_main(capsys, argv):
 # ------------------------------------------------------------------------------------------------ published numbers
 
 def test_published_table_holds_the_seed_numbers():
-    rows = published.load()
+    rows = [row for row in published.load() if row.seed != '003']
     assert len(rows) == len(PUBLISHED)  # one row per config, no duplicates
     assert {k: (v.gmacs, v.params_m) for k, v in PUBLISHED.items()} == EXPECTED_PUBLISHED
     for name, row in PUBLISHED.items():
@@ -127,7 +129,7 @@ def test_published_row_reproduces(all_rows, name):
 def test_all_json_schema(all_rows):
     keys = {'config', 'model', 'input_size', 'params', 'trainable_params', 'gmacs', 'macs', 'published_gmacs',
             'published_params_m', 'convention', 'counted_model', 'gmacs_match', 'params_match', 'token_reduction'}
-    configs = sorted(f[:-5] for f in os.listdir(CONFIG) if f.endswith('.json'))
+    configs = sorted(f[:-5] for f in os.listdir(CONFIG) if f.endswith('.json') and not f.startswith('swag-'))
     assert sorted(all_rows) == configs
     for name, row in all_rows.items():
         assert keys <= set(row), (name, keys - set(row))
