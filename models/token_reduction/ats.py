@@ -61,8 +61,8 @@ def sample_heights(cdf: torch.Tensor, real_position: torch.Tensor, draws: torch.
     ``create_ys``), in a (B, max_draws) tensor; returns (heights, valid), valid marking each image's first draws."""
     start = cdf.masked_fill((cdf == 0) | ~real_position, NO_NONZERO_CDF).min(dim=1, keepdim=True).values
     steps = torch.arange(max_draws, device=cdf.device)
-    spacing = (1 - start) / (draws - 1).clamp(min=1).unsqueeze(1).to(cdf.dtype)
-    return start + steps.to(cdf.dtype) * spacing, steps < draws.unsqueeze(1)
+    intervals = (draws - 1).clamp(min=1).unsqueeze(1).to(cdf.dtype)
+    return start + steps.to(cdf.dtype) * (1 - start) / intervals, steps < draws.unsqueeze(1)
 
 
 def nearest_positions(cdf: torch.Tensor, heights: torch.Tensor) -> torch.Tensor:
