@@ -16,6 +16,8 @@ from .core import METHODS, TokenReduction, TokenState, build_method
 from . import tome  # noqa: F401  (each method file registers itself)
 from . import evit  # noqa: F401
 from . import hourglass  # noqa: F401
+from . import evo_vit  # noqa: F401
+from . import ats  # noqa: F401
 
 __all__ = ['apply_token_reduction', 'token_schedule', 'resolve_method', 'METHODS', 'TokenReduction', 'TokenState']
 

@@ -214,10 +214,15 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """The class token's attention row per head, softmax(q_cls·kᵀ·scale): (B, heads, N). Computed beside the fused
-    kernel: one query row instead of the whole map."""
-    return ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(dim=-1).squeeze(2)
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The class token's attention row per head, softmax(q_cls·kᵀ·scale + attn_bias): (B, heads, N). Computed beside
+    the fused kernel: one query row instead of the whole map. ``attn_bias`` broadcasts to (B, heads, 1, N), e.g. the
+    additive key-padding mask the fused kernel gets."""
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
+    if attn_bias is not None:
+        logits = logits + attn_bias
+    return logits.softmax(dim=-1).squeeze(2)
 
 
 def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
