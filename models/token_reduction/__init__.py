@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .core import METHODS, TokenReduction, TokenState, build_method
 from . import tome  # noqa: F401  (each method file registers itself)
+from . import act, smyrf  # noqa: F401
 
 __all__ = ['apply_token_reduction', 'token_schedule', 'resolve_method', 'METHODS', 'TokenReduction', 'TokenState']
 
