@@ -106,8 +106,7 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, num_clusters: int) -> T
     (summed in fp32; empty clusters, the padding of rows with fewer clusters, are zero) and sizes (rows, clusters)."""
     rows, num_tokens, channels = x.shape
     index = flat_labels(labels, num_clusters)
-    sizes = torch.zeros(rows * num_clusters, device=x.device).index_add_(
-        0, index, torch.ones(rows * num_tokens, device=x.device))
+    sizes = torch.bincount(index, minlength=rows * num_clusters).float()
     sums = torch.zeros(rows * num_clusters, channels, device=x.device).index_add_(
         0, index, x.reshape(rows * num_tokens, channels).float())
     means = sums / sizes.clamp(min=1).unsqueeze(-1)
