@@ -131,8 +131,7 @@ def cluster(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, hash_scale: float
 
 def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   q_projections: Tuple[torch.Tensor, torch.Tensor],
-                  k_projections: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                  attend: Optional[Callable] = None):
+                  k_projections: Optional[Tuple[torch.Tensor, torch.Tensor]], attend: Callable):
     """ACT attention per image and head. q, k, v: (B, heads, N, head_dim); ``scale`` the attention scale (queries
     are hashed after scaling, as upstream); ``attend(q, k, v, bias)`` computes softmax(q·kᵀ·scale + bias)·v (the
     block's fused attention). Keys are clustered when ``k_projections`` is given.
@@ -148,20 +147,9 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         v, _ = cluster_means(v.reshape(rows, num_tokens, head_dim), k_labels, k.shape[1])
         k, v = k.view(batch, heads, -1, head_dim), v.view(batch, heads, -1, head_dim)
         bias = k_sizes.log().view(batch, heads, 1, -1)  # log size of each key prototype, -inf for padding
-    if attend is None:
-        attend = default_attend(scale)
     out = attend(q_prototypes.view(batch, heads, -1, head_dim), k, v, bias)
     out = broadcast_clusters(out.reshape(rows, -1, head_dim), q_labels)
     return out.view(batch, heads, num_tokens, head_dim), q_clusters
-
-
-def default_attend(scale: float) -> Callable:
-    def attend(q, k, v, bias=None):
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(dim=-1) @ v
-    return attend
 
 
 # ---------------------------------------------------------------------------------------------------- the method

@@ -13,8 +13,8 @@ N is not a multiple of the chunk size a chunk mixes the end of one row (head or 
 Here, when N is not a multiple of the size, each row's last query chunk holds the N mod q_cluster_size top-sorted
 queries and its key chunk the last k_cluster_size sorted keys (overlapping the previous key chunk): every query
 still attends to a full chunk of its own row's keys, and the matmuls are exactly upstream's (N x k_cluster_size per
-round, image and head), so the seed's GFLOPs rows are reproduced. Rounds are processed for a group of image x head
-rows at a time (``MAX_CHUNK_ELEMENTS``) so memory stays bounded at any batch; the ops per element are the same.
+round, image and head), so the seed's GFLOPs rows are reproduced. Image x head rows are processed in groups of
+about ``MAX_CHUNK_ELEMENTS`` intermediate elements, so memory stays bounded at any batch; the ops are the same.
 """
 import math
 from typing import Callable, List, Optional, Tuple
@@ -132,7 +132,7 @@ def smyrf_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_order: torch
         weights = torch.exp(peak - total.gather(2, q_order[:, :, q_positions]))
         out = out.reshape(rows, rounds, -1, dim)
         weighted = torch.mul(out, weights.unsqueeze(-1), out=reuse(out))
-        result.index_add_(0, q_index, weighted.reshape(-1, dim))
+        result.index_add_(0, q_index, weighted.reshape(-1, dim).to(result.dtype))
     return result.view(rows, num_tokens, dim)
 
 
