@@ -13,11 +13,7 @@ from typing import List, Optional, Tuple, Union
 import torch.nn as nn
 
 from .core import METHODS, TokenReduction, TokenState, build_method
-from . import tome  # noqa: F401  (each method file registers itself)
-from . import evit  # noqa: F401
-from . import hourglass  # noqa: F401
-from . import evo_vit  # noqa: F401
-from . import ats  # noqa: F401
+from . import act, ats, evit, evo_vit, hourglass, smyrf, tome  # noqa: F401  (each method file registers itself)
 
 __all__ = ['apply_token_reduction', 'token_schedule', 'resolve_method', 'METHODS', 'TokenReduction', 'TokenState']
 
