@@ -193,7 +193,8 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device('cpu')
 
 
-def analyze(model: nn.Module, input_size: InputSize, convention: str = 'fvcore', seed: int = 0) -> FlopCountAnalysis:
+def analyze(model: nn.Module, input_size: InputSize, convention: str = 'fvcore', seed: int = 0,
+            image: Optional[torch.Tensor] = None) -> FlopCountAnalysis:
     """Trace ``model`` (eval mode, batch 1, no grad, seeded input) under ``convention``'s op table and return fvcore's
     analysis, after checking that every matmul-like op was counted (:class:`UncountedOpError` names it otherwise)."""
     table = get_convention(convention).handles
@@ -202,7 +203,9 @@ def analyze(model: nn.Module, input_size: InputSize, convention: str = 'fvcore',
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            analysis = FlopCountAnalysis(model, example_input(input_size, _device_of(model), seed))
+            if image is None:
+                image = example_input(input_size, _device_of(model), seed)
+            analysis = FlopCountAnalysis(model, image)
             analysis.clear_op_handles()
             analysis.set_op_handle(**table)
             analysis.unsupported_ops_warnings(False)

@@ -25,10 +25,12 @@ import torch
 
 import builders
 import counting
+import datasets
 import models
 import options
 import published
 from counting import UncountedOpError
+from models.token_reduction import record_states, token_schedule
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -58,8 +60,59 @@ def twin_name(model_name: str, suffix: str) -> str:
     return twin
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Images for data-dependent methods (ATS, ACT): ``num_images`` seeded random images, or the first
+    ``num_images`` image files under ``data_path`` (sorted, any depth) with the model's evaluation transform."""
+    num_images: int = 4
+    data_path: Optional[str] = None
+
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
+
+
+def load_images(source: ImageSource, args) -> List[torch.Tensor]:
+    """(1, 3, S, S) tensors: seeded N(0, 1) images, or files read and transformed as evaluation does."""
+    if source.data_path is None:
+        return [counting.example_input(args.input_size, seed=seed) for seed in range(source.num_images)]
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(source.data_path) for name in names
+                   if name.lower().endswith(IMAGE_SUFFIXES))[:source.num_images]
+    if not files:
+        raise UserError(f"--data-path '{source.data_path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    from PIL import Image
+    transform = datasets.build_transform(False, args)
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert('RGB')).unsqueeze(0))
+        except OSError as e:
+            raise UserError(f"cannot read image '{path}': {e}") from None
+    return images
+
+
+def count_over_images(model, args, convention: str, source: ImageSource):
+    """MACs of a data-dependent method as the mean over images (one trace each), with what it did per block.
+
+    Returns (mean MACs rounded to an integer, a dict: number of images, their source, MACs per image, and the mean
+    over images of the per-block counts the method records — tokens for ATS, query clusters for ACT)."""
+    per_image, per_block, what = [], [], None
+    for image in load_images(source, args):
+        with record_states() as states:
+            per_image.append(int(counting.analyze(model, args.input_size, convention, image=image).total()))
+        counts = states[-1].counts() if states else None
+        if counts:
+            what = counts['what']
+            per_block.append(counts['per_block'])
+    mean_counts = [None if any(c[i] is None for c in per_block) else round(sum(c[i] for c in per_block)
+                   / len(per_block), 2) for i in range(len(per_block[0]))] if per_block else []
+    info = dict(num_images=len(per_image), source=source.data_path or 'seeded random N(0, 1) images',
+                macs_per_image=per_image, counted=what, mean_per_block=mean_counts)
+    return round(sum(per_image) / len(per_image)), info
+
+
 def report(job: Job, table: List[published.Published], convention: Optional[str] = None,
-           with_detail: bool = False) -> dict:
+           with_detail: bool = False, image_source: ImageSource = ImageSource()) -> dict:
     """Count one job: params (total, trainable), MACs under ``convention`` (default: the published row's, else
     fvcore) and the comparison with the published row when the resolution and class count are the published ones."""
     args = builders.load_args(job.config_path, job.argv)
@@ -72,10 +125,15 @@ def report(job: Job, table: List[published.Published], convention: Optional[str]
     counted_name = twin_name(args.model, rule.twin_suffix) if rule.twin_suffix else args.model
     counted = model if counted_name == args.model else \
         builders.build_model(args, job.num_classes, model_name=counted_name).eval()
-    details = None
-    if with_detail:
+    details, images = None, None
+    method = getattr(counted, 'token_reduction', None)
+    if method is not None and method.data_dependent:
+        macs, images = count_over_images(counted, args, convention, image_source)
+    elif with_detail:
         details = counting.detail(counted, args.input_size, convention)
         macs = details.pop('total')
+        if method is not None:
+            details['schedule'] = token_schedule(counted)
     else:
         macs = counting.count_macs(counted, args.input_size, convention)[0]
     total, trainable = counting.count_params(model)
@@ -89,6 +147,8 @@ def report(job: Job, table: List[published.Published], convention: Optional[str]
                gmacs=round(macs / 1e9, 4), convention=convention, convention_description=rule.description)
     if job.label:
         row['label'] = job.label
+    if images is not None:
+        row['images'] = images
     comparable = pub is not None and args.input_size == pub.resolution and num_classes == pub.num_classes
     row.update(published_gmacs=float(pub.gmacs) if comparable else None,
                published_params_m=float(pub.params_m) if comparable and pub.params_m else None,
@@ -143,9 +203,9 @@ def all_jobs(config_dir: str, table: List[published.Published], argv: Sequence[s
     return jobs
 
 
-def _report_or_error(job: Job, table, convention, with_detail) -> dict:
+def _report_or_error(job: Job, table, convention, with_detail, image_source=ImageSource()) -> dict:
     try:
-        return report(job, table, convention, with_detail)
+        return report(job, table, convention, with_detail, image_source)
     except (UserError, UncountedOpError) as e:
         row = dict(config=config_name(job.config_path) if job.config_path else None, config_path=job.config_path,
                    error=str(e), error_kind='uncounted_op' if isinstance(e, UncountedOpError) else 'user')
@@ -159,16 +219,16 @@ def _worker_init() -> None:
 
 
 def report_all(jobs: List[Job], table, convention: Optional[str] = None, with_detail: bool = False,
-               processes: int = 1) -> List[dict]:
+               processes: int = 1, image_source: ImageSource = ImageSource()) -> List[dict]:
     """One :func:`report` per job, in order; a row that cannot be counted carries ``error`` instead of numbers.
     ``processes > 1`` counts in that many processes of one thread each."""
     if processes <= 1 or len(jobs) <= 1:
-        return [_report_or_error(job, table, convention, with_detail) for job in jobs]
+        return [_report_or_error(job, table, convention, with_detail, image_source) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=multiprocessing.get_context('spawn'),
                              initializer=_worker_init) as pool:
-        futures = [pool.submit(_report_or_error, job, table, convention, with_detail) for job in jobs]
+        futures = [pool.submit(_report_or_error, job, table, convention, with_detail, image_source) for job in jobs]
         return [f.result() for f in futures]
 
 
@@ -265,6 +325,13 @@ def format_report(row: dict, table) -> str:
         lines.append(f"source        {pub.source}")
     if row.get('published_note'):
         lines.append(f"note          {row['published_note']}")
+    if row.get('images'):
+        info = row['images']
+        lines.append(f"data-dependent: GMACs are the mean over {info['num_images']} images ({info['source']}); per "
+                     f"image: {', '.join(f'{m / 1e9:.2f}' for m in info['macs_per_image'])}")
+        if info['mean_per_block']:
+            lines.append(f"mean {info['counted']} per block: "
+                         + ', '.join('-' if c is None else f'{c:g}' for c in info['mean_per_block']))
     if 'detail' in row:
         lines.append(format_detail(row['detail']))
     return '\n'.join(lines)
@@ -272,7 +339,14 @@ def format_report(row: dict, table) -> str:
 
 def format_detail(d: dict) -> str:
     g = lambda v: f'{v / 1e9:.4f}'  # noqa: E731
-    lines = ['', "by module (fvcore's flop_count_table; #flops are MACs in this convention):", d['table']]
+    lines = []
+    if d.get('schedule'):
+        schedule = d['schedule']
+        lines += ['', f"token schedule (class token included; {schedule['tokens_in']} in, {schedule['tokens_out']} "
+                      f"out{', upper bounds: data-dependent' if schedule['data_dependent'] else ''}):",
+                  '  block  attention  mlp']
+        lines += [f"  {b['block']:>5}  {b['attention']:>9}  {b['mlp']:>3}" for b in schedule['blocks']]
+    lines += ['', "by module (fvcore's flop_count_table; #flops are MACs in this convention):", d['table']]
     lines += ['by operator (GMACs):'] + [f'  {name:<30} {g(v):>9}' for name, v in sorted(d['operators'].items())]
     lines += ['by stage (consecutive blocks with the same input tokens and width):',
               f"  {'stage':>5} {'blocks':>6} {'tokens in':>9} {'width':>6} {'GMACs':>9} {'attn GMACs':>10}"]
@@ -305,6 +379,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="--all: only the published rows of this seed (000 HVT, 001 HiViT, 002 PiT/DeiT, 003 "
                         "token reduction on SWAG; repeatable) and the configs without a published row")
     p.add_argument('--jobs', type=int, default=1, help='--all: count in this many processes')
+    p.add_argument('--num-images', '--num_images', type=int, default=4,
+                   help='data-dependent methods (ATS, ACT): count the mean over this many images (default 4)')
+    p.add_argument('--data-path', '--data_path', default=None,
+                   help='data-dependent methods: read the images from this folder (any depth) instead of seeded '
+                        'random ones, with the model\'s evaluation transform')
     p.add_argument('--detail', action='store_true', help='per module, operator, stage and block (token counts)')
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument('--json', action='store_true', help='JSON: one object (--config) or a list (--all)')
@@ -321,6 +400,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UserError('give --config PATH or --all')
         if args.input_size is not None and args.input_size < 1:
             raise UserError(f'--input-size must be positive, got {args.input_size}')
+        if args.num_images < 1:
+            raise UserError(f'--num-images must be >= 1, got {args.num_images}')
+        if args.data_path is not None and not os.path.isdir(args.data_path):
+            raise UserError(f"--data-path '{args.data_path}' is not a folder")
+        image_source = ImageSource(args.num_images, args.data_path)
         try:
             table = published.load(args.published)
         except ValueError as e:
@@ -331,9 +415,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             overrides += ['--token-reduction', json.dumps(args.token_reduction)]
         if args.all:
             jobs = all_jobs(args.config_dir, table, overrides, given, args.seed)
-            rows = report_all(jobs, table, args.convention, args.detail, args.jobs)
+            rows = report_all(jobs, table, args.convention, args.detail, args.jobs, image_source)
         else:
-            rows = [report(Job(args.config, tuple(overrides)), table, args.convention, args.detail)]
+            rows = [report(Job(args.config, tuple(overrides)), table, args.convention, args.detail, image_source)]
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -110,3 +110,47 @@ def test_published_gflops_row(row, backbones):
         assert rounds_to(ours, '713.4'), ours
     else:
         assert rounds_to(ours, row.gmacs), (float(ours), row.gmacs)
+
+
+def _flops_json(capsys, argv):
+    import flops
+    code = flops.main([*argv, '--json'])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_data_dependent_methods_count_the_mean_over_images(capsys):
+    """ATS and ACT: the mean of one trace per image, with the per-block tokens / clusters the method recorded."""
+    ats = {'method': 'ats', 'locations': [4], 'num_tokens': 197}
+    row = _flops_json(capsys, ['--config', 'config/deit-ti.json', '--token-reduction', json.dumps(ats),
+                               '--convention', 'expedit', '--num-images', '3'])
+    info = row['images']
+    assert info['num_images'] == 3 and len(info['macs_per_image']) == 3 and info['counted'] == 'tokens'
+    assert row['macs'] == round(sum(info['macs_per_image']) / 3)
+    assert info['mean_per_block'][:5] == [197] * 5                    # before and at the ATS block: every token
+    assert all(0 < t < 197 for t in info['mean_per_block'][5:])       # after it: duplicates removed
+    assert row['macs'] < counting.count_macs(models.create_model('deit_tiny'), 224, 'expedit')[0]
+
+    act = {'method': 'act', 'q_hashes': 8, 'seed': 0}
+    row = _flops_json(capsys, ['--config', 'config/deit-ti.json', '--token-reduction', json.dumps(act),
+                               '--num-images', '2'])
+    assert row['images']['counted'] == 'clusters' and len(row['images']['mean_per_block']) == 12
+    assert all(1 <= c <= 197 for c in row['images']['mean_per_block'])
+
+
+def test_data_dependent_counting_reads_a_folder(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / 'images' / 'class_a'
+    folder.mkdir(parents=True)
+    for i, colour in enumerate(['red', 'blue']):
+        Image.new('RGB', (40 + i, 30), colour).save(folder / f'{i}.png')
+    ats = json.dumps({'method': 'ats', 'locations': [2], 'num_tokens': 197})
+    row = _flops_json(capsys, ['--config', 'config/deit-ti.json', '--token-reduction', ats, '--num-images', '5',
+                               '--data-path', str(tmp_path / 'images')])
+    assert row['images']['num_images'] == 2 and row['images']['source'] == str(tmp_path / 'images')
+    import flops
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert flops.main(['--config', 'config/deit-ti.json', '--token-reduction', ats, '--data-path', str(empty)]) == 2
+    assert 'holds no image files' in capsys.readouterr().err

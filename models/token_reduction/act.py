@@ -163,6 +163,10 @@ class ACTState(TokenState):
         self.prototypes: List[Optional[int]] = [None] * depth
         self.mean_clusters: List[Optional[float]] = [None] * depth
 
+    def counts(self):
+        """Query clusters (prototypes) per block, mean over images x heads; None for blocks without ACT."""
+        return {'what': 'clusters', 'per_block': list(self.mean_clusters)}
+
 
 @register_method
 class ACT(TokenReduction):

@@ -99,8 +99,8 @@ def adaptive_sample(score: torch.Tensor, patch_real: Optional[torch.Tensor], num
     heights, valid = sample_heights(cdf, real_position, draws, min(patches, num_tokens - 1))
     picks = nearest_positions(cdf.masked_fill(~real_position, float('inf')), heights)
     picks = torch.where(valid, picks, patches)  # unused draws land on a spare column
-    chosen = torch.zeros(batch, patches + 1, dtype=torch.bool, device=score.device).scatter_(1, picks, True)
-    chosen = chosen[:, :patches]
+    chosen = torch.zeros(batch, patches + 1, dtype=torch.bool, device=score.device)
+    chosen = chosen.scatter(1, picks, torch.ones_like(picks, dtype=torch.bool))[:, :patches]  # traceable form
     count = chosen.sum(dim=1)
     kept = (length - 1) if length is not None else int(count.max())
     positions = torch.sort(chosen.to(torch.int32), dim=1, descending=True, stable=True).indices[:, :kept]
@@ -126,6 +126,10 @@ class ATSState(TokenState):
         self.sampled = None      # (index, real) of the current ATS block, between attention and the residual
         self.tokens_in = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
         self.kept_tokens = []    # per block, (B, 2): real tokens (class included) seen by its attention and its MLP
+
+    def counts(self):
+        """Tokens (class included) each block's attention saw, mean over the batch's images."""
+        return {'what': 'tokens', 'per_block': [float(k[:, 0].float().mean()) for k in self.kept_tokens]}
 
     def real_tokens(self, length: int, batch: int, device) -> torch.Tensor:
         if self.padding is None:

@@ -7,6 +7,8 @@ memory) lives in a :class:`TokenState` made by :meth:`TokenReduction.new_state` 
 passed to every block. ``models.layers.Block`` calls the four hooks; the defaults below are the plain block.
 """
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -92,6 +94,26 @@ def check_block_index(method: str, name: str, index: int, depth: int, allow_end:
 
 # ----------------------------------------------------------------------------------------------------- the state
 
+# the list that :func:`record_states` collects into, for the forwards run in this context (None: not recording)
+_RECORDING: ContextVar[Optional[list]] = ContextVar('token_states_recording', default=None)
+
+
+@contextmanager
+def record_states():
+    """Collect the :class:`TokenState` of every forward run inside the ``with`` block (this thread/context only)::
+
+        with record_states() as states:
+            model(images)
+        states[-1].counts()   # e.g. the mean tokens per block of a data-dependent method
+    """
+    states: list = []
+    token = _RECORDING.set(states)
+    try:
+        yield states
+    finally:
+        _RECORDING.reset(token)
+
+
 class TokenState:
     """Per-forward state, made by :meth:`TokenReduction.new_state` at the start of every forward.
 
@@ -103,6 +125,15 @@ class TokenState:
         self.grid_size = tuple(grid_size)
         self.depth = depth
         self.index = 0
+        recording = _RECORDING.get()
+        if recording is not None:
+            recording.append(self)
+
+    def counts(self) -> Optional[Dict[str, Any]]:
+        """What a data-dependent method did in this forward, per block: ``{'what': 'tokens' | 'clusters',
+        'per_block': [mean over the batch (None: block not reduced)]}``; None for methods whose counts are the
+        closed-form schedule."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------- the method
