@@ -127,7 +127,10 @@ def run(args, dist: DistInfo) -> int:
 
     state = TrainState()
     if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, opt, args, dist)
+        state = restore_checkpoint(checkpoint, opt, args.seed, dist)
+        changes = options.changed_since(checkpoint.get('args'), args)
+        if changes:
+            print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
     start_epoch = max(args.start_epoch, state.epoch + 1)
     if start_epoch > 0 and args.sched_on_updates:   # as timm's train.py: this run's schedule, at the epoch reached
         lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -232,7 +235,7 @@ def checkpoint_contents(model, opt: Optimization, state: TrainState, rng_states:
     }
 
 
-def restore_checkpoint(ckpt: dict, opt: Optimization, args, dist: DistInfo) -> TrainState:
+def restore_checkpoint(ckpt: dict, opt: Optimization, seed: int, dist: DistInfo) -> TrainState:
     """Restore optimizer, scaler, EMA and RNG from :func:`checkpoint_contents`; a weights-only file gives a fresh
     state. RNG states are restored when the checkpoint has one per process, else re-seeded per epoch.
 
@@ -255,11 +258,8 @@ def restore_checkpoint(ckpt: dict, opt: Optimization, args, dist: DistInfo) -> T
     if rng and len(rng) == dist.world_size:
         utils.set_rng_state(rng[dist.rank])
     else:
-        random_seed(args.seed + 1000 * (state.epoch + 1), dist.rank)
+        random_seed(seed + 1000 * (state.epoch + 1), dist.rank)
     print(f'resumed from epoch {state.epoch} (best top-1 {state.max_accuracy:.2f}%)')
-    changes = options.changed_since(ckpt.get('args'), args)
-    if changes:
-        print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
     return state
 
 
