@@ -27,7 +27,7 @@ SEED_CONVENTION = 'expedit'
 
 # how the seed's README shows each method: section title, and the setting columns (header, spec key or callable)
 METHOD_TABLES: Dict[str, dict] = {
-    'hourglass': dict(title='Ours', columns=[('$\\alpha$', 'location'), ('h $\\times$ w', 'hw')]),
+    'hourglass': dict(title='Ours', plot_label='Hourglass (Ours)', columns=[('$\\alpha$', 'location'), ('h $\\times$ w', 'hw')]),
     'evit': dict(title='EViT', columns=[('keep rate', 'keep_rate')]),
     'tome': dict(title='ToMe', columns=[('r', 'r')]),
     'act': dict(title='ACT', columns=[('q_hashes', 'q_hashes')]),
@@ -276,8 +276,9 @@ def _curves(rows: List[dict], x_of, y_of) -> Tuple[Dict[str, List[Tuple[float, f
         if row['method'] is None:
             plains.append((f'plain{suffix}', x, y))
         else:
-            title = METHOD_TABLES.get(row['method'], {}).get('title', row['method'])
-            curves.setdefault(title + suffix, []).append((x, y))
+            table = METHOD_TABLES.get(row['method'], {})
+            label = table.get('plot_label', table.get('title', row['method']))
+            curves.setdefault(label + suffix, []).append((x, y))
     return curves, plains
 
 

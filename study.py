@@ -36,6 +36,7 @@ import timing
 import utils
 from engine import LoopOptions, Optimization, evaluate, train_one_epoch
 from models.token_reduction import METHODS, resolve_method
+from models.token_reduction.core import build_method
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -223,7 +224,6 @@ def published_lookup(rows: List[published.Published]):
             spec = pub.token_reduction
             if spec is not None:
                 try:
-                    from models.token_reduction.core import build_method
                     spec = build_method(spec, row['depth'], tuple(row['grid'])).spec()
                 except ValueError:
                     continue
