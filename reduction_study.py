@@ -25,9 +25,11 @@ SPEEDUP_PLOT = 'speedup_vs_flops_ratio.png'
 # seed 003's counter (token_reduction.md section 4.2); 'fvcore' gives plain MACs
 SEED_CONVENTION = 'expedit'
 
-# how the seed's README shows each method: section title, and the setting columns (header, spec key or callable)
+# how the seed's README shows each method: section title, and the setting columns (header, spec key; 'hw' = the
+# hourglass cluster grid h x w)
 METHOD_TABLES: Dict[str, dict] = {
-    'hourglass': dict(title='Ours', plot_label='Hourglass (Ours)', columns=[('$\\alpha$', 'location'), ('h $\\times$ w', 'hw')]),
+    'hourglass': dict(title='Ours', plot_label='Hourglass (Ours)',
+                      columns=[('$\\alpha$', 'location'), ('h $\\times$ w', 'hw')]),
     'evit': dict(title='EViT', columns=[('keep rate', 'keep_rate')]),
     'tome': dict(title='ToMe', columns=[('r', 'r')]),
     'act': dict(title='ACT', columns=[('q_hashes', 'q_hashes')]),

@@ -201,7 +201,8 @@ def measure_row(model, entry: dict, full_spec, ctx) -> dict:
     schedule = models.token_schedule(model)
     fps = time_model(model, ctx.device, ctx.args.input_size, ctx.num_classes, 1, ctx.study)
     throughput = time_model(model, ctx.device, ctx.args.input_size, ctx.num_classes, ctx.batch_size, ctx.study)
-    row.update(gflops=count_gflops(model, ctx.args.input_size, rs.SEED_CONVENTION), gflops_convention=rs.SEED_CONVENTION,
+    row.update(gflops=count_gflops(model, ctx.args.input_size, rs.SEED_CONVENTION),
+               gflops_convention=rs.SEED_CONVENTION,
                gmacs=count_gflops(model, ctx.args.input_size, 'fvcore'), params=counting.count_params(model)[0],
                tokens_out=schedule['tokens_out'], data_dependent=schedule['data_dependent'],
                fps=fps['img_per_s']['median'], throughput=throughput['img_per_s']['median'],
