@@ -240,8 +240,8 @@ def render_table(rows: List[dict], published_for) -> str:
                 acc = _cell(row.get('acc1'), seed.get('acc1'), 1)
                 lines.append(f"| {name} | {arch} | {input_size} | " + ' | '.join(settings)
                              + f" | {_cell(row.get('gflops'), seed.get('gflops'))} | {fmt(row.get('gmacs'))}"
-                             + f" | {_cell(row.get('fps'), seed.get('fps'))}"
-                             + f" | {_cell(row.get('throughput'), seed.get('throughput'))} | {acc} |")
+                             + f" | {_cell(row.get('fps'), seed.get('fps'), 1)}"
+                             + f" | {_cell(row.get('throughput'), seed.get('throughput'), 1)} | {acc} |")
         lines.append('')
     lines += notes(rows, any_seed)
     return '\n'.join(lines) + '\n'
