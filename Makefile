@@ -1,10 +1,11 @@
 # make train: set up .venv (pinned) and run the embedded demo (HVT on scikit-learn digits).
 # make test:  set up .venv and run the whole test suite.
+# make study: set up .venv and run study.py's embedded demo (every token-reduction method on a ViT trained on digits).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test setup clean
+.PHONY: train test study setup clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +16,9 @@ $(VENV)/.installed: requirements.txt constraints.txt
 
 train: setup
 	$(PY) main.py --config config/demo-digits.json
+
+study: setup
+	$(PY) study.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -25,55 +25,19 @@ ours / theirs is reported per run (median) and on the clean iterations. Each res
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
-import time
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import builders
-import counting
 import options
+from timing import AMP_DTYPES, Runner, conditions, measure, peak_rss_mb, summarize, timed_run  # noqa: F401
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
-
-
-# ---------------------------------------------------------------------------------------------------------- conditions
-
-def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    if device.type == 'cpu':
-        return f'{cpu_name()} ({os.cpu_count()} logical CPUs)'
-    return str(device)
-
-
-def conditions(args, device: torch.device, input_size: int) -> dict:
-    import timm
-    return dict(mode=args.mode, device=str(device), device_name=device_name(device), dtype='float32',
-                amp=args.amp, batch_size=args.batch_size, input_size=input_size,
-                threads=torch.get_num_threads(), channels_last=args.channels_last, compile=args.compile,
-                warmup=args.warmup, iters=args.iters, repeats=args.repeats, torch=torch.__version__,
-                timm=timm.__version__, python=platform.python_version(), platform=platform.platform(),
-                cuda=torch.version.cuda if device.type == 'cuda' else None)
 
 
 # -------------------------------------------------------------------------------------------------------------- models
@@ -121,146 +85,6 @@ def build_vs(spec: str, cfg, num_classes: int):
         raise UserError(f"--vs takes plain, timm:NAME or a config path (*.json), got '{spec}'")
     args, model = build_ours(path, ['--input-size', str(cfg.input_size)])
     return f'{args.model} ({path})', model
-
-
-# -------------------------------------------------------------------------------------------------------------- timing
-
-class Runner:
-    """One model set up for one mode on one device; ``step()`` runs one iteration on a fixed synthetic batch."""
-
-    def __init__(self, label: str, model: nn.Module, args, device: torch.device, num_classes: int, input_size: int):
-        self.label = label
-        self.params = counting.count_params(model)[0]
-        self.gmacs = gmacs_of(model, input_size)
-        self.device = device
-        self.train = args.mode == 'train'
-        self.amp_dtype = AMP_DTYPES[args.amp]
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        model = model.to(device=device, memory_format=memory_format)
-        model.train(self.train)
-        gen = torch.Generator().manual_seed(0)
-        size = input_size
-        self.x = torch.randn(args.batch_size, 3, size, size, generator=gen).to(device, memory_format=memory_format)
-        self.y = torch.randint(0, max(1, num_classes), (args.batch_size,), generator=gen).to(device)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if self.train else None
-        self.scaler = torch.amp.GradScaler(device.type) if self.train and args.amp == 'fp16' else None
-        self.model = torch.compile(model) if args.compile else model
-        self.peak_memory_mb = 0.0
-
-    def static_bytes(self) -> int:
-        """Bytes this runner keeps between steps: weights, gradients, optimizer state, the batch."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [self.x, self.y]
-        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.optimizer is not None:
-            tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
-    def step(self) -> None:
-        if not self.train:
-            with torch.inference_mode(), self._autocast():
-                self.model(self.x)
-            return
-        with self._autocast():
-            out = self.model(self.x)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            loss = sum(F.cross_entropy(o.float(), self.y) for o in outs)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-
-
-def gmacs_of(model: nn.Module, input_size: int) -> Optional[float]:
-    """GMACs of one image (fvcore convention), or None when the model uses an op the counter has no handle for."""
-    try:
-        return round(counting.count_macs(model, input_size, 'fvcore')[0] / 1e9, 4)
-    except counting.UncountedOpError:
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def timed_run(runner: Runner, iters: int) -> dict:
-    """One timed run: total wall seconds, and per-iteration wall and process-CPU seconds on CPU."""
-    device = runner.device
-    per_iter = device.type == 'cpu'
-    walls, cpus = [], []
-    if device.type == 'cuda':
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        if per_iter:
-            t, c = time.perf_counter(), time.process_time()
-        runner.step()
-        if per_iter:
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
-    _sync(device)
-    wall = time.perf_counter() - start
-    if device.type == 'cuda':
-        # this model's own peak: what the run allocated on top of everything resident (other models in --vs
-        # included), plus what this model keeps resident itself
-        peak = torch.cuda.max_memory_allocated(device) - before + runner.static_bytes()
-        runner.peak_memory_mb = max(runner.peak_memory_mb, peak / 2 ** 20)
-    return dict(wall=wall, iter_wall=walls, iter_cpu=cpus)
-
-
-def summarize(runs: List[dict], batch: int, iters: int, threads: int, clean_ratio: float) -> dict:
-    rates = [batch * iters / r['wall'] for r in runs]
-    out = dict(img_per_s=dict(median=statistics.median(rates), min=min(rates), max=max(rates), per_repeat=rates))
-    walls = [w for r in runs for w in r['iter_wall']]
-    cpus = [c for r in runs for c in r['iter_cpu']]
-    if walls:
-        threshold = clean_ratio * threads
-        kept = [w for w, c in zip(walls, cpus) if c / w >= threshold]
-        out['clean'] = dict(min_cpu_wall_ratio=round(threshold, 3), iters_kept=len(kept), iters_total=len(walls),
-                            cpu_wall_ratio_median=statistics.median(c / w for w, c in zip(walls, cpus)),
-                            img_per_s_median=batch / statistics.median(kept) if kept else None)
-    else:
-        out['clean'] = None
-    return out
-
-
-def measure(runners: List[Runner], args) -> List[dict]:
-    """Warm every runner up, then alternate timed runs (r1, r2, r1, r2 ...); one summary per runner."""
-    for runner in runners:
-        for _ in range(args.warmup):
-            runner.step()
-        _sync(runner.device)
-    runs = [[] for _ in runners]
-    for _ in range(args.repeats):
-        for i, runner in enumerate(runners):
-            runs[i].append(timed_run(runner, args.iters))
-    threads = torch.get_num_threads()
-    out = []
-    for runner, r in zip(runners, runs):
-        s = summarize(r, args.batch_size, args.iters, threads, args.clean_ratio)
-        s.update(model=runner.label, params=runner.params, gmacs=runner.gmacs)
-        if runner.device.type == 'cuda':
-            s.update(peak_memory_mb=round(runner.peak_memory_mb, 1), peak_memory_kind='cuda_max_memory_allocated')
-        out.append(s)
-    return out
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 2 ** 10
-
 
 # ---------------------------------------------------------------------------------------------------------- benchmarks
 

@@ -13,6 +13,7 @@ from conftest import run_script
 import benchmark
 import counting
 import models
+import timing
 from benchmarks import table
 
 SMALL = ['--batch-size', '2', '--iters', '2', '--warmup', '1', '--repeats', '2', '--json', '--input-size', '64']
@@ -124,7 +125,7 @@ def test_clean_filter_keeps_iterations_with_all_cores():
 
 def test_measure_interleaves_runs(monkeypatch):
     order = []
-    monkeypatch.setattr(benchmark, 'timed_run', lambda runner, iters: order.append(runner.label) or
+    monkeypatch.setattr(timing, 'timed_run', lambda runner, iters: order.append(runner.label) or
                         dict(wall=1.0, iter_wall=[1.0], iter_cpu=[1.0]))
     a, b = _runner('infer'), _runner('infer')
     a.label, b.label = 'ours', 'theirs'

@@ -1,0 +1,237 @@
+"""study.py: seed 003's table layout, the row record (FLOPs equal to the counting library's, accuracy over every
+validation image), the seed's rows taken from the published data file, resume after a kill, and bad inputs (one line,
+exit 2, finished rows kept). Backbone: swag_vit_l16 narrowed to 2 blocks of width 64 at 64 px, random weights, FAKE
+data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+
+import counting
+import models
+import reduction_study as rs
+import study
+
+# swag_vit_l16 at 64 px (4x4 patches + class token), narrowed so a row takes well under a second
+SMALL_BACKBONE = {'model': 'swag_vit_l16', 'input_size': 64, 'depth': 2, 'embed_dim': 64, 'num_heads': 2,
+                  'batch_size': 4, 'num_workers': 0}
+FAST = ['--warmup', '0', '--iters', '1', '--batch-size', '2', '--threads', '1']
+FAKE = ['--data-set', 'FAKE', '--fake-val-size', '6', '--fake-num-classes', '10']
+
+# the seed README's column headers of each method table (the layout reproduced)
+SEED_COLUMNS = {
+    'Ours': ['$\\alpha$', 'h $\\times$ w'],
+    'EViT': ['keep rate'],
+    'ToMe': ['r'],
+    'ACT': ['q_hashes'],
+    'ATS': ['$\\alpha$'],
+    'Evo-ViT': ['pruning location', 'pruning ratio'],
+    'SMYRF': ['$\\alpha$', 'rounds', 'q_cluster_size', 'k_cluster_size'],
+}
+SEED_ORDER = ['Ours', 'EViT', 'ToMe', 'ACT', 'ATS', 'Evo-ViT', 'SMYRF']
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / 'small-swag.json'
+    path.write_text(json.dumps(SMALL_BACKBONE))
+    return str(path)
+
+
+def write_sweep(tmp_path, items, name='sweep.json'):
+    path = tmp_path / name
+    path.write_text(json.dumps(items))
+    return str(path)
+
+
+def sections(table: str) -> dict:
+    """'### Title' -> (header cells, body rows as cell lists)."""
+    out, title = {}, None
+    for line in table.splitlines():
+        if line.startswith('### '):
+            title = line[4:]
+            out[title] = ([], [])
+        elif title and line.startswith('|') and not line.startswith('| ---'):
+            cells = [c.strip() for c in line.strip('|').split('|')]
+            if not out[title][0]:
+                out[title][0].extend(cells)
+            else:
+                out[title][1].append(cells)
+    return out
+
+
+def synthetic_row(spec, method, gflops, grid=(32, 32)):
+    conditions = dict(batch_size=256, warmup=12, iters=38, repeats=1, device_name='gpu', dtype='float32', threads=1,
+                      torch='x', data_set='IMNET', n_images=50000)
+    return dict(key=json.dumps(spec), backbone='swag_vit_l16', input_size=512, name='x', spec=spec, full_spec=spec,
+                method=method, grid=list(grid), depth=24, gflops=gflops, gmacs=gflops, fps=10.0, throughput=12.0,
+                acc1=88.0, conditions=conditions)
+
+
+def test_table_has_the_seed_layout_for_every_method():
+    """One section per method in the seed's order, the seed's setting columns, the plain row first (the full grid
+    in the h x w column, as the seed prints it), the published number in parentheses beside ours."""
+    specs = [None,
+             {'method': 'smyrf', 'location': 12, 'n_hashes': 32, 'q_cluster_size': 64, 'k_cluster_size': 64},
+             {'method': 'tome', 'r': 10},
+             {'method': 'hourglass', 'location': 12, 'num_clusters': 529},
+             {'method': 'evit', 'keep_rate': 0.8},
+             {'method': 'act', 'q_hashes': 16},
+             {'method': 'ats', 'locations': [20], 'num_tokens': 1025},
+             {'method': 'evo_vit', 'location': 18, 'keep_ratio': 0.4}]
+    rows = [synthetic_row(s, s and s['method'], 300.0 - i) for i, s in enumerate(specs)]
+
+    class Pub:
+        gmacs, fps, throughput, acc1 = '275.8', '15.8', '19.5', '87.8'
+
+    table = rs.render_table(rows, lambda row: Pub() if row['method'] == 'hourglass' else None)
+    found = sections(table)
+    assert list(found) == SEED_ORDER
+    for title, (header, body) in found.items():
+        assert header == ['Method', 'Backbone', 'input', *SEED_COLUMNS[title], 'GFLOPs', 'GMACs', 'FPS',
+                          'Throughput (im/s)', 'Acc.']
+        assert [r[0] for r in body] == ['SWAG', f'SWAG + {title}'] and all(r[1] == 'ViT-L/16' for r in body)
+        assert body[0][3:3 + len(SEED_COLUMNS[title])] == (['-', '32 $\\times$ 32'] if title == 'Ours'
+                                                            else ['-'] * len(SEED_COLUMNS[title]))
+    ours = found['Ours'][1][1]
+    assert ours[3:9] == ['12', '23 $\\times$ 23', '297.0 (275.8)', '297.0', '10.0 (15.8)', '12.0 (19.5)']
+    assert ours[9] == '88.0 (87.8)'
+    assert found['SMYRF'][1][1][3:7] == ['12', '32', '64', '64']
+    assert found['Evo-ViT'][1][1][3:5] == ['18', '0.4'] and found['ATS'][1][1][3] == '20'
+
+
+def test_rows_tables_and_plots(config, tmp_path):
+    """Every row measured: MACs equal the counting library's for the same model and setting, accuracy over every
+    FAKE validation image, conditions recorded; table.md and both plots written."""
+    out = tmp_path / 'out'
+    sweep = write_sweep(tmp_path, [{'method': 'tome', 'r': 2},
+                                   {'name': 'hg', 'spec': {'method': 'hourglass', 'location': 1,
+                                                           'num_clusters': 4}}])
+    assert study.main(['--config', config, '--sweep', sweep, '--output-dir', str(out), *FAST, *FAKE]) == 0
+    rows = rs.read_results(str(out / rs.RESULTS_FILE))
+    assert [r['spec'] for r in rows] == [None, {'method': 'tome', 'r': 2},
+                                         {'method': 'hourglass', 'location': 1, 'num_clusters': 4}]
+    assert [r['name'] for r in rows] == ['plain', 'tome r=2', 'hg']
+    assert rows[1]['full_spec'] == {'method': 'tome', 'r': 2, 'prop_attn': True}
+    kwargs = {k: v for k, v in SMALL_BACKBONE.items() if k in ('depth', 'embed_dim', 'num_heads')}
+    for row in rows:
+        model = models.create_model('swag_vit_l16', img_size=64, num_classes=10, token_reduction=row['spec'],
+                                    **kwargs)
+        assert row['gmacs'] == pytest.approx(counting.count_macs(model, 64, 'fvcore')[0] / 1e9, rel=1e-9)
+        assert row['params'] == counting.count_params(model)[0]
+        assert row['fps'] > 0 and row['throughput'] > 0
+        assert 0 <= row['acc1'] <= row['acc5'] <= 100
+        c = row['conditions']
+        assert (c['n_images'], c['data_set'], c['batch_size'], c['fps_batch_size'], c['input_size']) == \
+            (6, 'FAKE', 2, 1, 64)
+        assert c['device'] == 'cpu' and c['torch'] == torch.__version__ and c['date']
+        if 'expedit' not in counting.CONVENTIONS:
+            assert row['gflops'] is None
+    assert rows[0]['gmacs'] > rows[1]['gmacs'] > rows[2]['gmacs']
+    assert rows[2]['tokens_out'] == 1 + 4
+    found = sections((out / rs.TABLE_FILE).read_text())
+    assert list(found) == ['Ours', 'ToMe']
+    assert found['ToMe'][1][1][3] == '2' and found['Ours'][1][0][4] == '4 $\\times$ 4'
+    for plot in (rs.ACCURACY_PLOT, rs.SPEEDUP_PLOT):
+        assert (out / plot).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_seed_rows_come_from_the_published_file(config, tmp_path):
+    """Without --sweep a SWAG backbone runs the seed-003 rows of the data file at its resolution, and the table
+    shows the published number beside ours."""
+    data = {'about': '', 'sources': {'s': 'test'}, 'rows': [
+        {'config': None, 'model': 'swag_vit_l16', 'token_reduction': {'method': 'tome', 'r': 1}, 'resolution': 64,
+         'num_classes': 1000, 'family': 'SWAG', 'convention': 'fvcore', 'gmacs': '1.234', 'params_m': None,
+         'source': 's', 'seed': '003', 'note': None},
+        {'config': None, 'model': 'swag_vit_l16', 'token_reduction': {'method': 'tome', 'r': 3}, 'resolution': 512,
+         'num_classes': 1000, 'family': 'SWAG', 'convention': 'fvcore', 'gmacs': '9.9', 'params_m': None,
+         'source': 's', 'seed': '003', 'note': None}]}
+    pub = tmp_path / 'published.json'
+    pub.write_text(json.dumps(data))
+    out = tmp_path / 'out'
+    assert study.main(['--config', config, '--published', str(pub), '--output-dir', str(out), *FAST]) == 0
+    rows = rs.read_results(str(out / rs.RESULTS_FILE))
+    assert [r['spec'] for r in rows] == [None, {'method': 'tome', 'r': 1}]
+    assert rows[0]['acc1'] is None and rows[0]['conditions']['n_images'] == 0
+    tome = sections((out / rs.TABLE_FILE).read_text())['ToMe'][1]
+    assert tome[1][4].endswith(' (1.234)') and '(' not in tome[0][4]
+
+
+def test_resume_after_kill(config, tmp_path):
+    """Killed after its first rows, the same command skips them (not recomputed) and completes the table."""
+    out = tmp_path / 'out'
+    sweep = write_sweep(tmp_path, [{'method': 'tome', 'r': r} for r in (1, 2, 3, 4)]
+                        + [{'method': 'hourglass', 'location': a, 'num_clusters': n} for a in (0, 1) for n in (4, 9)])
+    cmd = [sys.executable, 'study.py', '--config', config, '--sweep', sweep, '--output-dir', str(out),
+           '--warmup', '0', '--iters', '30', '--batch-size', '2', '--threads', '1']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    results = out / rs.RESULTS_FILE
+    log = open(tmp_path / 'first.log', 'w')
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(rs.read_results(str(results))) < 1:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        log.close()
+    before = rs.read_results(str(results))
+    assert 1 <= len(before) < 9, (tmp_path / 'first.log').read_text()[-2000:]
+    assert not (out / rs.TABLE_FILE).exists()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f'resuming: {len(before)} of 9 rows already in' in again.stdout
+    after = rs.read_results(str(results))
+    assert after[:len(before)] == before          # finished rows kept as they were, not recomputed
+    assert len(after) == 9 and len({r['key'] for r in after}) == 9
+    found = sections((out / rs.TABLE_FILE).read_text())
+    assert len(found['ToMe'][1]) == 1 + 4 and len(found['Ours'][1]) == 1 + 4
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and 'resuming: 9 of 9 rows' in third.stdout
+    assert rs.read_results(str(results)) == after
+
+
+def _bad(capsys, argv):
+    code = study.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith('error: '), err
+    return err[0]
+
+
+def test_bad_inputs_one_line_and_rows_kept(config, tmp_path, capsys):
+    out = tmp_path / 'out'
+    ok_sweep = write_sweep(tmp_path, [{'method': 'tome', 'r': 1}], 'ok.json')
+    assert study.main(['--config', config, '--sweep', ok_sweep, '--output-dir', str(out), *FAST]) == 0
+    results = out / rs.RESULTS_FILE
+    kept = results.read_bytes()
+    capsys.readouterr()
+
+    unknown = write_sweep(tmp_path, [{'method': 'tome', 'r': 1}, {'method': 'no_such_method'}], 'unknown.json')
+    assert "unknown method 'no_such_method'" in _bad(capsys, ['--config', config, '--sweep', unknown,
+                                                              '--output-dir', str(out), *FAST])
+    rejected = write_sweep(tmp_path, [{'method': 'hourglass', 'location': 1, 'num_clusters': 5}], 'rej.json')
+    line = _bad(capsys, ['--config', config, '--sweep', rejected, '--output-dir', str(out), *FAST])
+    assert 'num_clusters' in line and 'hourglass' in line
+    not_a_list = write_sweep(tmp_path, {'method': 'tome', 'r': 1}, 'obj.json')
+    assert 'JSON list' in _bad(capsys, ['--config', config, '--sweep', not_a_list, '--output-dir', str(out), *FAST])
+
+    other = models.create_model('deit_tiny', img_size=64, num_classes=1000)
+    ckpt = tmp_path / 'deit.pth'
+    torch.save({'model': other.state_dict()}, ckpt)
+    line = _bad(capsys, ['--config', config, '--sweep', ok_sweep, '--checkpoint', str(ckpt), '--output-dir',
+                         str(out), *FAST])
+    assert line.startswith(f'error: --checkpoint {ckpt} does not fit swag_vit_l16')
+
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    line = _bad(capsys, ['--config', config, '--sweep', ok_sweep, '--output-dir', str(blocker / 'sub'), *FAST])
+    assert 'not writable' in line
+    assert results.read_bytes() == kept
