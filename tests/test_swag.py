@@ -216,7 +216,7 @@ def test_config_matches_the_model_data_config(config, name):
     args = options.parse_args(['--config', str(REPO / 'config' / f'{config}.json')])
     data = models.data_config(name)
     assert args.model == name and args.input_size == data['input_size']
-    assert args.eval_crop_ratio == data['crop_pct'] == 1.0
+    assert args.crop_pct == data['crop_pct'] == 1.0
 
 
 # --------------------------------------------------------------------------------------------------- end to end

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-import flops
+import counting
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.act import e2lsh_projections
 from models.token_reduction.smyrf import chunk_pairs, smyrf_attention
@@ -146,11 +146,11 @@ def test_counted_matmuls_are_upstreams():
     (the chunk products, as upstream's flattened chunks count them) plus the two E2LSH projections
     heads·N·(head_dim + 2)·n_hashes each; N = 17 is not a multiple of the cluster size."""
     model = tiny_vit(depth=4)
-    plain, _ = flops.count_macs(model, 32)
+    plain, _ = counting.count_macs(model, 32)
     location, rounds, size, tokens, width, heads = 1, 3, 5, 17, 32, 2
     apply_token_reduction(model, {'method': 'smyrf', 'location': location, 'n_hashes': rounds,
                                   'q_cluster_size': size, 'k_cluster_size': size})
-    reduced, _ = flops.count_macs(model, 32)
+    reduced, _ = counting.count_macs(model, 32)
     per_block = (-2 * tokens ** 2 * width + 2 * rounds * tokens * size * width
                  + 2 * heads * tokens * (width // heads + 2) * rounds)
     assert reduced == plain + (4 - location) * per_block
