@@ -8,7 +8,7 @@ from conftest import REPO
 import utils
 
 # the command-line entry points (a module with a ``__main__`` block is one; the list is checked against that)
-SCRIPTS = {'main', 'flops', 'benchmark', 'run_with_submitit', 'study', 'table'}
+SCRIPTS = {'main', 'flops', 'benchmark', 'run_with_submitit', 'study', 'table', 'hourglass_speed', 'evo_ats_speed'}
 # run_with_submitit submits main.main() as the SLURM job's callable (DeiT's launcher design): it is main's launcher,
 # not a second entry point reusing main's internals
 ALLOWED = {('run_with_submitit', 'main')}
