@@ -12,7 +12,7 @@ skips the rows already there), ``D/table.md`` (the seed's layout, the seed's num
 
 The sweep: ``--sweep FILE`` (a JSON list of token-reduction specs or {"name", "spec"} objects; null = plain), else for
 ``swag_vit_l16`` / ``swag_vit_h14`` at their resolution the seed's published settings, else (no ``--config``) the
-demo's ``config/study-digits.json``. Accuracy is measured as ``main.py --eval`` measures it (every validation image
+demo's ``data/study-digits-sweep.json``. Accuracy is measured as ``main.py --eval`` measures it (every validation image
 once, whatever the number of processes) when the config or the command line names a data set; timing and counting
 run on the first process only. Any other flag (``--input-size``, ``--data-path``, ``--device`` ...) is a ``main.py``
 option applied to the config.
@@ -41,7 +41,7 @@ from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(REPO, 'config', 'demo-digits-vit.json')
-DEMO_SWEEP = os.path.join(REPO, 'config', 'study-digits.json')
+DEMO_SWEEP = os.path.join(REPO, 'data', 'study-digits-sweep.json')
 
 
 def get_parser() -> ArgumentParser:
