@@ -3,7 +3,8 @@
 # benchmark.py --token-reduction SPEC --vs plain, SWAG ViT-L/16 at 512 px (random weights), batch 1, fp32, 2 threads,
 # the reduced and the plain model timed interleaved in one process. One JSON per setting in $OUT; the ratio is
 # reduced img/s / plain img/s (`vs.ratio` in the JSON), to compare with the GFLOPs ratio of seed 003's table.
-# Knobs (environment): PY, OUT, CONFIG, THREADS, BATCH, ITERS, REPEATS, WARMUP, ONLY (a method name).
+# Knobs (environment): PY, OUT, CONFIG, THREADS, BATCH, ITERS, REPEATS, WARMUP, DEVICE (cpu | cuda), AMP (none |
+# bf16 | fp16), ONLY (a method name). On a GPU: DEVICE=cuda BATCH=256 AMP=bf16 (and BATCH=1 for FPS).
 # Run it on an otherwise idle machine (a plain L/16 forward at 512 is ~365 GFLOPs: seconds per image on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,8 @@ BATCH=${BATCH:-1}
 ITERS=${ITERS:-1}
 REPEATS=${REPEATS:-3}
 WARMUP=${WARMUP:-1}
+DEVICE=${DEVICE:-cpu}
+AMP=${AMP:-none}
 mkdir -p "$OUT"
 SETTINGS=(
   'tome_r40|{"method": "tome", "r": 40}'
@@ -29,7 +32,7 @@ for item in "${SETTINGS[@]}"; do
   tag=${item%%|*}; spec=${item#*|}
   [[ -n ${ONLY:-} && $tag != ${ONLY}* ]] && continue
   echo "measuring $tag: $spec" >&2
-  "$PY" benchmark.py --config "$CONFIG" --token-reduction "$spec" --vs plain --device cpu --mode infer \
+  "$PY" benchmark.py --config "$CONFIG" --token-reduction "$spec" --vs plain --device "$DEVICE" --amp "$AMP" --mode infer \
       --batch-size "$BATCH" --threads "$THREADS" --warmup "$WARMUP" --iters "$ITERS" --repeats "$REPEATS" \
       --json > "$OUT/$tag.json"
   "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); v=r['vs']; print(sys.argv[2], 'speed-up', round(v['ratio'], 3), 'GMACs', r['gmacs'], 'vs', v['gmacs'])" \
