@@ -11,6 +11,7 @@ import torch
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.ats import adaptive_sample, nearest_positions
 from models.vit import VisionTransformer
+from vit_reference import meta_vit
 
 
 def peaky_vit(seed=1, depth=6):
@@ -160,16 +161,10 @@ def test_padding_does_not_change_the_sample():
     assert torch.equal(index[:, :kept], alone_index[:, :kept]) and not real[:, kept:].any()
 
 
-def _meta_vit(img_size, patch_size, embed_dim, depth):
-    with torch.device('meta'):
-        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=16)
-
-
 @pytest.mark.parametrize('dims,tokens', [((512, 16, 1024, 24), 1025), ((518, 14, 1280, 32), 1370)])
 def test_schedule_upper_bounds(dims, tokens):
     img_size, patch, width, depth = dims
-    model = _meta_vit(img_size, patch, width, depth)
+    model = meta_vit(img_size, patch, width, depth)
     single = token_schedule(model, {'method': 'ats', 'locations': [depth - 6], 'num_tokens': 2000})
     assert [(b['attention'], b['mlp']) for b in single['blocks']] == [(tokens, tokens)] * depth  # budget >= N
     assert single['data_dependent'] and single['tokens_out'] == tokens

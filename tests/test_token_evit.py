@@ -11,8 +11,8 @@ import torch
 from models import apply_token_reduction, create_model, token_schedule
 from models.layers import Attention, set_fused_attn
 from models.token_reduction.evit import default_locations
-from models.vit import VisionTransformer
-from vit_reference import attention, embed, expedit_gmacs, head, layer_norm, mlp, plain_forward, tiny_vit
+from vit_reference import (attention, embed, expedit_gmacs, head, layer_norm, meta_vit, mlp, pairs, plain_forward,
+                           tiny_vit)
 
 
 # ------------------------------------------------------------------------------------------ the reference (§3.2)
@@ -101,16 +101,6 @@ def test_keep_rate_one_or_a_full_keep_leaves_the_model_plain():
 
 
 # ---------------------------------------------------------------------------------------------------- schedules
-
-def meta_vit(img_size, patch_size, embed_dim, depth):
-    """The SWAG ViT-L/16 or H/14 geometry on the meta device: no weights are allocated."""
-    with torch.device('meta'):
-        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=16)
-
-
-def pairs(schedule):
-    return [(block['attention'], block['mlp']) for block in schedule['blocks']]
 
 
 def stepped(tokens, locations, depth):

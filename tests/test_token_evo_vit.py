@@ -9,6 +9,7 @@ import torch
 
 from models import apply_token_reduction, create_model, token_schedule
 from models.vit import VisionTransformer
+from vit_reference import meta_vit
 
 
 def peaky_vit(seed=0, depth=6):
@@ -105,12 +106,6 @@ def test_placeholders_pass_through_unchanged():
     assert changed[:, 1:].sum(dim=1).tolist() == [16, 16]
 
 
-def _meta_vit(img_size, patch_size, embed_dim, depth):
-    with torch.device('meta'):
-        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=16)
-
-
 def _expedit_gflops(schedule, width, heads, grid, patch, classes=1000):
     """seed 003's counter in closed form (shared/reference/token_reduction.md §4.2) over a token schedule; the
     final norm runs on every token (Evo-ViT keeps the sequence)."""
@@ -131,7 +126,7 @@ PUBLISHED = [((512, 16, 1024, 24), 18, 0.4, 307.0), ((512, 16, 1024, 24), 8, 0.6
 @pytest.mark.parametrize('dims,location,keep_ratio,published', PUBLISHED)
 def test_schedule_closed_form_and_published_gflops(dims, location, keep_ratio, published):
     img_size, patch, width, depth = dims
-    model = _meta_vit(img_size, patch, width, depth)
+    model = meta_vit(img_size, patch, width, depth)
     grid = img_size // patch
     tokens = grid * grid + 1  # 1025 (L/16) or 1370 (H/14)
     kept = 1 + int((tokens - 1) * keep_ratio)  # int(P * ratio) of the patch tokens, plus the class token

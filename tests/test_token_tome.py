@@ -9,8 +9,8 @@ import torch
 import models
 from models import apply_token_reduction, create_model, token_schedule
 from models.layers import set_fused_attn
-from models.vit import VisionTransformer
-from vit_reference import attention, embed, expedit_gmacs, head, layer_norm, mlp, plain_forward, tiny_vit
+from vit_reference import (attention, embed, expedit_gmacs, head, layer_norm, meta_vit, mlp, pairs, plain_forward,
+                           tiny_vit)
 
 
 # ------------------------------------------------------------------------------------------ the reference (§3.1)
@@ -113,16 +113,6 @@ def test_tome_on_deit_small():
 
 
 # ---------------------------------------------------------------------------------------------------- schedules
-
-def meta_vit(img_size, patch_size, embed_dim, depth):
-    """The SWAG ViT-L/16 or H/14 geometry on the meta device: no weights are allocated."""
-    with torch.device('meta'):
-        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=16)
-
-
-def pairs(schedule):
-    return [(block['attention'], block['mlp']) for block in schedule['blocks']]
 
 
 def test_schedule_swag_l16_r40():

@@ -89,3 +89,15 @@ def expedit_gmacs(pairs, embed_dim, num_heads, patch_size, img_size, extra=0, nu
         total += n_mlp * 4 * D * (D + 1) + n_mlp * D * (4 * D + 1) + 14 * n_mlp * D
     total += img_size * img_size * D * 3 + 2 * pairs[0][0] * D + 4 * pairs[-1][1] * D + num_classes * (D + 1)
     return (total + extra) / 1e9
+
+
+def meta_vit(img_size, patch_size, embed_dim, depth, num_heads=16) -> VisionTransformer:
+    """A ViT of the SWAG L/16 or H/14 geometry on the meta device (no weights allocated): for token schedules."""
+    with torch.device('meta'):
+        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads)
+
+
+def pairs(schedule) -> list:
+    """(attention tokens, MLP tokens) of each block of a ``token_schedule``."""
+    return [(block['attention'], block['mlp']) for block in schedule['blocks']]
