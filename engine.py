@@ -16,7 +16,20 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf on some rank; raised on every rank together."""
 
 
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """``--amp`` (auto / bf16 / fp16 / none) -> the autocast dtype, None for fp32. ``auto``: bf16 on a CUDA device
+    that supports it, fp16 on an older one, fp32 elsewhere."""
+    if amp == 'none' or (amp == 'auto' and device.type != 'cuda'):
+        return None
+    if amp == 'fp16':
+        return torch.float16
+    if amp == 'bf16' or (device.type == 'cuda' and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """Autocast to ``amp_dtype`` on ``device``; a no-op context for fp32 (None)."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)

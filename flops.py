@@ -23,13 +23,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
-import builders
-import counting
+from framework import builders
+from framework import counting
 import datasets
 import models
-import options
-import published
-from counting import UncountedOpError
+from framework import options
+from framework import published
+from framework.counting import UncountedOpError
 from models.token_reduction import record_states, token_schedule
 from utils import ArgumentParser, UserError
 

@@ -12,16 +12,14 @@ import time
 
 import torch
 import torch.backends.cudnn as cudnn
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, NativeScaler, random_seed
+from timm.utils import random_seed
 
-import builders
-import counting
+from framework import builders
+from framework import counting
 import models
-import options
+from framework import options
 import utils
-from engine import LoopOptions, NonFiniteLossError, Optimization, evaluate, train_one_epoch
+from engine import LoopOptions, NonFiniteLossError, Optimization, evaluate, resolve_amp, train_one_epoch
 from utils import DistInfo, UserError
 
 
@@ -57,6 +55,7 @@ def main(argv=None) -> int:
 
 
 def run(args, dist: DistInfo) -> int:
+    """Build data and model, load weights, then score once (``--eval``) or train epoch by epoch."""
     device = torch.device(dist.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda given but CUDA is not available; use --device cpu')
@@ -69,7 +68,57 @@ def run(args, dist: DistInfo) -> int:
 
     dataset_train, dataset_val, num_classes = builders.build_datasets(args, with_train=not args.eval)
     loader_val = builders.build_val_loader(dataset_val, args, dist)
+    model = build_model(args, num_classes)
+    resume_path = find_resume(args)
+    checkpoint = load_resume_checkpoint(resume_path, model, num_classes, args) if resume_path else None
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    if args.eval:
+        return evaluate_only(args, dist, model, loader_val, loop, resume_path)
 
+    loader_train = builders.build_train_loader(dataset_train, args, dist)
+    steps_per_epoch = builders.steps_per_epoch(loader_train, args)
+    opt = builders.build_optimization(args, model, steps_per_epoch, dist.world_size, device, loop.amp_dtype)
+    mixup_fn = builders.build_mixup(args, num_classes)
+    criterion = builders.build_criterion(args, mixup_fn, builders.build_teacher(args, device, num_classes))
+    state = TrainState()
+    if checkpoint is not None:
+        state = restore_checkpoint(checkpoint, opt, args.seed, dist)
+        changes = options.changed_since(checkpoint.get('args'), args)
+        if changes:
+            print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
+    start_epoch = max(args.start_epoch, state.epoch + 1)
+    num_updates = start_epoch * builders.updates_per_epoch(args, steps_per_epoch)
+    if start_epoch > 0 and args.sched_on_updates:   # as timm's train.py: this run's schedule, at the epoch reached
+        opt.lr_scheduler.step_update(num_updates)
+    elif start_epoch > 0:
+        opt.lr_scheduler.step(start_epoch)
+    if args.output_dir and utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        utils.truncate_log(os.path.join(args.output_dir, 'log.txt'), start_epoch - 1)
+        utils.write_json_atomic(run_config(args, dist), os.path.join(args.output_dir, 'config.json'))
+
+    print(f'Start training for {args.epochs} epochs from epoch {start_epoch} (lr '
+          f'{builders.scaled_lr(args, dist.world_size):.3g}, total batch '
+          f'{builders.total_batch_size(args, dist.world_size)})')
+    train_model = builders.wrap_for_training(model, args, dist)
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        if hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        train_stats, num_updates = train_one_epoch(train_model, criterion, loader_train, opt, loop, epoch,
+                                                   num_updates, mixup_fn)
+        if not args.sched_on_updates:
+            opt.lr_scheduler.step(epoch + 1)
+        end_epoch(args, dist, model, opt, state, epoch, train_stats, loader_val, loop)
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    if args.epochs > start_epoch:
+        print(f"Final top-1: {state.last_accuracy:.2f}% (best {state.max_accuracy:.2f}% at epoch "
+              f"{state.best_epoch})")
+    return 0
+
+
+def build_model(args, num_classes: int):
+    """The config's model, with ``--finetune`` weights loaded; prints its parameter count."""
     model = builders.build_model(args, num_classes)
     if args.distillation_type != 'none' and not args.eval and not hasattr(model, 'head_dist'):
         raise UserError(f"--distillation-type {args.distillation_type} needs a model with a distillation token "
@@ -81,127 +130,40 @@ def run(args, dist: DistInfo) -> int:
             raise UserError(f'--finetune: {e}') from None
     n_total, n_parameters = counting.count_params(model)
     print(f'number of params: {n_parameters}' + (f' (total {n_total})' if n_total != n_parameters else ''))
-
-    resume_path = find_resume(args)
-    checkpoint = load_resume_checkpoint(resume_path, model, num_classes, args) if resume_path else None
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    if args.eval:
-        return evaluate_only(args, dist, model, loader_val, loop, resume_path)
-
-    output_dir = args.output_dir
-    if output_dir and utils.is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
-    model_without_ddp = model
-    train_model = torch.compile(model) if args.compile else model
-    if dist.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
-
-    loader_train = builders.build_train_loader(dataset_train, args, dist)
-    steps_per_epoch = len(loader_train) if not args.max_steps_per_epoch else \
-        min(args.max_steps_per_epoch, len(loader_train))
-    total_batch = args.batch_size * dist.world_size * args.accum_steps
-    lr = args.lr if args.unscale_lr else args.lr * total_batch / 512.0
-    optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, layer_decay=args.layer_decay,
-                                    **optimizer_kwargs(args))
-    updates_per_epoch = (steps_per_epoch + args.accum_steps - 1) // args.accum_steps
-    lr_scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
-        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, step_on_epochs=not args.sched_on_updates,
-        updates_per_epoch=updates_per_epoch)
-    opt = Optimization(optimizer, lr_scheduler, step_lr_per_update=args.sched_on_updates,
-                       loss_scaler=NativeScaler(device=device.type) if loop.amp_dtype == torch.float16 else None,
-                       max_norm=args.clip_grad, accum_steps=args.accum_steps, model_ema=model_ema)
-    mixup_fn = builders.build_mixup(args, num_classes)
-    criterion = builders.build_criterion(args, mixup_fn, builders.build_teacher(args, device, num_classes))
-
-    state = TrainState()
-    if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, opt, args.seed, dist)
-        changes = options.changed_since(checkpoint.get('args'), args)
-        if changes:
-            print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
-    start_epoch = max(args.start_epoch, state.epoch + 1)
-    if start_epoch > 0 and args.sched_on_updates:   # as timm's train.py: this run's schedule, at the epoch reached
-        lr_scheduler.step_update(start_epoch * updates_per_epoch)
-    elif start_epoch > 0:
-        lr_scheduler.step(start_epoch)
-    log_path = os.path.join(output_dir, 'log.txt') if output_dir else None
-    if log_path and utils.is_main_process():
-        utils.truncate_log(log_path, start_epoch - 1)
-        utils.write_json_atomic(run_config(args, dist), os.path.join(output_dir, 'config.json'))
-
-    print(f'Start training for {args.epochs} epochs from epoch {start_epoch} (lr {lr:.3g}, total batch '
-          f'{total_batch})')
-    start_time = time.time()
-    num_updates = start_epoch * updates_per_epoch
-    for epoch in range(start_epoch, args.epochs):
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        train_stats, num_updates = train_one_epoch(train_model, criterion, loader_train, opt, loop, epoch,
-                                                   num_updates, mixup_fn)
-        if not args.sched_on_updates:
-            lr_scheduler.step(epoch + 1)
-        test_stats = evaluate(loader_val, model_without_ddp, loop)
-        print(f"Accuracy of the network on the {test_stats['n_samples']} test images: {test_stats['acc1']:.1f}%")
-        is_best = test_stats['acc1'] > state.max_accuracy
-        if is_best:
-            state.max_accuracy, state.best_epoch = test_stats['acc1'], epoch
-        print(f'Max accuracy: {state.max_accuracy:.2f}%')
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters, 'n_parameters_total': n_total}
-        is_best_ema = False
-        if model_ema is not None:
-            ema_stats = evaluate(loader_val, model_ema.module, loop)
-            is_best_ema = ema_stats['acc1'] > state.max_accuracy_ema
-            state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
-            log_stats.update({f'test_{k}_ema': v for k, v in ema_stats.items() if k != 'n_samples'})
-        state.epoch = epoch
-        rng_states = gather_rng_states()
-        if output_dir:
-            utils.append_log(log_stats, log_path)
-            ckpt = checkpoint_contents(model_without_ddp, opt, state, rng_states, run_config(args, dist))
-            utils.save_on_master(ckpt, os.path.join(output_dir, 'checkpoint.pth'))
-            if is_best:
-                utils.save_on_master(ckpt, os.path.join(output_dir, 'best_checkpoint.pth'))
-            if is_best_ema:
-                utils.save_on_master(ckpt, os.path.join(output_dir, 'best_checkpoint_ema.pth'))
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f'Training time {total_time}')
-    if args.epochs > start_epoch:
-        print(f"Final top-1: {test_stats['acc1']:.2f}% (best {state.max_accuracy:.2f}% at epoch "
-              f"{state.best_epoch})")
-    return 0
+    return model
 
 
-def resolve_amp(amp: str, device: torch.device):
-    if amp == 'none' or (amp == 'auto' and device.type != 'cuda'):
-        return None
-    if amp == 'fp16':
-        return torch.float16
-    if amp == 'bf16' or (device.type == 'cuda' and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def optimizer_kwargs(args) -> dict:
-    kwargs = {}
-    if args.opt_eps is not None and args.opt not in ('sgd', 'momentum'):
-        kwargs['eps'] = args.opt_eps
-    if args.opt_betas:
-        kwargs['betas'] = tuple(args.opt_betas)
-    return kwargs
+def end_epoch(args, dist: DistInfo, model, opt: Optimization, state: 'TrainState', epoch: int, train_stats: dict,
+              loader_val, loop: LoopOptions) -> None:
+    """Evaluate (and the EMA), update ``state``, append to ``log.txt`` and save ``checkpoint.pth`` (and the best)."""
+    test_stats = evaluate(loader_val, model, loop)
+    print(f"Accuracy of the network on the {test_stats['n_samples']} test images: {test_stats['acc1']:.1f}%")
+    is_best = test_stats['acc1'] > state.max_accuracy
+    if is_best:
+        state.max_accuracy, state.best_epoch = test_stats['acc1'], epoch
+    state.last_accuracy = test_stats['acc1']
+    print(f'Max accuracy: {state.max_accuracy:.2f}%')
+    n_total, n_parameters = counting.count_params(model)
+    log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                 **{f'test_{k}': v for k, v in test_stats.items()},
+                 'epoch': epoch, 'n_parameters': n_parameters, 'n_parameters_total': n_total}
+    is_best_ema = False
+    if opt.model_ema is not None:
+        ema_stats = evaluate(loader_val, opt.model_ema.module, loop)
+        is_best_ema = ema_stats['acc1'] > state.max_accuracy_ema
+        state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
+        log_stats.update({f'test_{k}_ema': v for k, v in ema_stats.items() if k != 'n_samples'})
+    state.epoch = epoch
+    rng_states = gather_rng_states()
+    if not args.output_dir:
+        return
+    utils.append_log(log_stats, os.path.join(args.output_dir, 'log.txt'))
+    ckpt = checkpoint_contents(model, opt, state, rng_states, run_config(args, dist))
+    utils.save_on_master(ckpt, os.path.join(args.output_dir, 'checkpoint.pth'))
+    if is_best:
+        utils.save_on_master(ckpt, os.path.join(args.output_dir, 'best_checkpoint.pth'))
+    if is_best_ema:
+        utils.save_on_master(ckpt, os.path.join(args.output_dir, 'best_checkpoint_ema.pth'))
 
 
 # ----------------------------------------------------------------------------------------------------------- checkpoints
@@ -213,6 +175,7 @@ class TrainState:
     max_accuracy: float = 0.0
     best_epoch: int = -1
     max_accuracy_ema: float = 0.0
+    last_accuracy: float = 0.0
 
 
 def run_config(args, dist: DistInfo) -> dict:

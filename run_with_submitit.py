@@ -15,7 +15,7 @@ from pathlib import Path
 
 import submitit
 
-import options
+from framework import options
 import utils
 from utils import ArgumentParser, UserError
 

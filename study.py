@@ -26,15 +26,15 @@ from typing import List, Optional
 
 import torch
 
-import builders
-import counting
+from framework import builders
+from framework import counting
 import models
-import options
-import published
-import reduction_study as rs
-import timing
+from framework import options
+from framework import published
+from framework import study_results as rs
+from framework import timing
 import utils
-from engine import LoopOptions, Optimization, evaluate, train_one_epoch
+from engine import LoopOptions, evaluate, train_one_epoch
 from models.token_reduction import METHODS, resolve_method
 from models.token_reduction.core import build_method
 from utils import ArgumentParser, UserError
@@ -137,8 +137,6 @@ def train_demo(args, device: torch.device, path: str) -> None:
     """Train the demo backbone as ``main.py`` trains a config (builders + engine loops), save its weights to
     ``path`` (atomically, ``{'model', 'args', 'acc1'}``)."""
     print(f'training the demo backbone ({args.model} on {args.data_set}, {args.epochs} epochs) into {path}')
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from timm.utils import random_seed
     random_seed(args.seed, 0)
     dist = utils.DistInfo(device=str(device))
@@ -146,16 +144,13 @@ def train_demo(args, device: torch.device, path: str) -> None:
     loader_train = builders.build_train_loader(dataset_train, args, dist)
     loader_val = builders.build_val_loader(dataset_val, args, dist)
     model = builders.build_model(args, num_classes, plain=True).to(device)
-    lr = args.lr if args.unscale_lr else args.lr * args.batch_size / 512.0
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs, min_lr=args.min_lr,
-                                       warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs)
+    opt = builders.build_optimization(args, model, builders.steps_per_epoch(loader_train, args), 1, device, None)
     criterion = builders.build_criterion(args, None, None)
     loop = LoopOptions(device, print_freq=10 ** 6)
     start = time.time()
     for epoch in range(args.epochs):
-        train_one_epoch(model, criterion, loader_train, Optimization(optimizer), loop, epoch)
-        scheduler.step(epoch + 1)
+        train_one_epoch(model, criterion, loader_train, opt, loop, epoch)
+        opt.lr_scheduler.step(epoch + 1)
     stats = evaluate(loader_val, model, loop)
     print(f"demo backbone: top-1 {stats['acc1']:.2f}% after {args.epochs} epochs ({time.time() - start:.0f} s)")
     config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ('model_kwargs', 'given')},

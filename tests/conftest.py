@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 # a 2-block HVT on 32 px inputs: a training step takes milliseconds on CPU
 TINY_HVT = ['--model', 'hvt_model', '--input-size', '32', '--patch-size', '8', '--num-heads', '2',

@@ -11,9 +11,9 @@ import torch
 from conftest import run_script
 
 import benchmark
-import counting
+from framework import counting
 import models
-import timing
+from framework import timing
 from benchmarks import table
 
 SMALL = ['--batch-size', '2', '--iters', '2', '--warmup', '1', '--repeats', '2', '--json', '--input-size', '64']

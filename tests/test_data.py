@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import options
+from framework import options
 from datasets import build_dataset, digits_split
 from samplers import ExactDistributedSampler, RASampler
 from utils import UserError

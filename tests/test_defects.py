@@ -18,10 +18,10 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
-import builders
+from framework import builders
 import main
 import models
-import options
+from framework import options
 import utils
 from conftest import FAST, REPO, TINY_HVT, run_script
 from utils import UserError

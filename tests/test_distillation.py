@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-import builders
-import options
+from framework import builders
+from framework import options
 from conftest import FAST, TINY_HVT, run_script
 
 DIGITS = ['--data-set', 'DIGITS']

@@ -13,9 +13,9 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 import torch
 
-import counting
+from framework import counting
 import models
-import published
+from framework import published
 from models.token_reduction import METHODS, apply_token_reduction, token_schedule
 from vit_reference import expedit_gmacs, tiny_vit
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from conftest import REPO, run_script
 
-import builders
-import counting
+from framework import builders
+from framework import counting
 import flops
 import models
-import published
+from framework import published
 from models.layers import set_fused_attn
 
 CONFIG = os.path.join(REPO, 'config')

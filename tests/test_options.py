@@ -5,7 +5,7 @@ import json
 import pytest
 
 import models
-import options
+from framework import options
 from utils import UserError
 
 OFFICIAL_HVT_S_2 = {  # config/hvt-s-2.json of MonashAI/HVT, all 13 keys
@@ -60,7 +60,7 @@ def test_official_hvt_config_runs_unchanged(tmp_path):
 
 def test_official_hvt_config_builds_the_published_model(tmp_path):
     import torch
-    import builders
+    from framework import builders
     args = options.parse_args(['--config', write(tmp_path, OFFICIAL_HVT_S_2)])
     with torch.device('meta'):
         model = builders.build_model(args, 1000)
@@ -105,7 +105,7 @@ def test_resolved_config_is_json_and_complete():
     options.__file__).parent.glob('config/*.json'))))
 def test_every_shipped_config_resolves_and_builds(path):
     import torch
-    import builders
+    from framework import builders
     args = options.parse_args(['--config', path])
     with torch.device('meta'):
         model = builders.build_model(args)
@@ -175,7 +175,7 @@ def test_token_reduction_config_value_must_be_an_object(tmp_path):
 
 
 def test_builders_pass_token_reduction_to_create_model(monkeypatch):
-    import builders
+    from framework import builders
     calls = []
 
     def create_model(name, token_reduction=None, **kwargs):

@@ -14,9 +14,9 @@ import torch
 
 from conftest import REPO
 
-import counting
+from framework import counting
 import models
-import reduction_study as rs
+from framework import study_results as rs
 import study
 
 # swag_vit_l16 at 64 px (4x4 patches + class token), narrowed so a row takes well under a second

@@ -15,7 +15,7 @@ from torchvision.models import vision_transformer as tv
 
 import datasets
 import models
-import options
+from framework import options
 from conftest import REPO, run_script
 
 # (our model, torchvision builder, patch, width, MLP, blocks, default input size)

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-import counting
+from framework import counting
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.act import e2lsh_projections
 from models.token_reduction.smyrf import chunk_pairs, smyrf_attention

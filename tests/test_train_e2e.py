@@ -58,7 +58,7 @@ def test_eval_only_scores_checkpoint_exactly(digits_run, tmp_path):
     assert {'acc1', 'acc5', 'loss', 'n_samples', 'checkpoint', 'model', 'input_size'} <= set(result)
     assert result['n_samples'] == 450 and result['model'] == 'hvt_model' and result['input_size'] == 32
     # the setting scored: plain model, its GMACs (fvcore) at that input size, the data config used
-    import counting
+    from framework import counting
     import models
     tiny = models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8, num_blocks=2,
                                pool_block_width=1, num_classes=10)

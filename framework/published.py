@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import List, Optional, Tuple
 
-import counting
+from framework import counting
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILE = os.path.join(REPO, 'data', 'published.json')
 
 _REQUIRED = ('config', 'model', 'token_reduction', 'resolution', 'num_classes', 'family', 'convention', 'gmacs',

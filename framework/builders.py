@@ -1,5 +1,5 @@
 """A resolved config (``options.parse_args``) -> what the scripts need: model, data sets, loaders, teacher, criterion,
-data config.
+data config, optimizer + lr schedule + loss scaler + EMA (one :class:`engine.Optimization`), the DDP-wrapped model.
 
 ``main.py``, ``flops.py`` and ``benchmark.py`` build through here, so the model trained, counted and timed for a config
 is the same model, with its class count from one rule (:func:`build_model`).
@@ -11,16 +11,20 @@ import timm
 import torch
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler
 
 import datasets
 import models
-import options
+from engine import Optimization
+from framework import options
 from losses import DistillationLoss
 from samplers import ExactDistributedSampler, RASampler
 from utils import DistInfo, UserError
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config')
 
 
 def config_files(config_dir: str = CONFIG_DIR) -> List[str]:
@@ -169,3 +173,65 @@ def build_criterion(args, mixup_fn, teacher) -> DistillationLoss:
     """The training loss: the base criterion, wrapped in DeiT's distillation loss (a no-op without a teacher)."""
     return DistillationLoss(build_base_criterion(args, mixup_fn), teacher, args.distillation_type,
                             args.distillation_alpha, args.distillation_tau)
+
+
+# ------------------------------------------------------------------------------------------------------- optimization
+
+def total_batch_size(args, world_size: int) -> int:
+    """Images per optimizer update: per-process batch x processes x accumulation steps."""
+    return args.batch_size * world_size * args.accum_steps
+
+
+def scaled_lr(args, world_size: int) -> float:
+    """DeiT's rule: ``--lr`` is for a total batch of 512 and scales linearly with it, unless ``--unscale-lr``."""
+    return args.lr if args.unscale_lr else args.lr * total_batch_size(args, world_size) / 512.0
+
+
+def optimizer_kwargs(args) -> dict:
+    """The optimizer arguments timm's ``create_optimizer_v2`` takes only when given (eps, betas)."""
+    kwargs = {}
+    if args.opt_eps is not None and args.opt not in ('sgd', 'momentum'):
+        kwargs['eps'] = args.opt_eps
+    if args.opt_betas:
+        kwargs['betas'] = tuple(args.opt_betas)
+    return kwargs
+
+
+def build_optimization(args, model, steps_per_epoch: int, world_size: int, device: torch.device,
+                       amp_dtype: Optional[torch.dtype]) -> Optimization:
+    """Optimizer (timm, at :func:`scaled_lr`), lr schedule (timm, per epoch or per update), loss scaler (fp16 only)
+    and EMA of ``model`` (unwrapped, on its device), as the training loop uses them."""
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=scaled_lr(args, world_size),
+                                    weight_decay=args.weight_decay, momentum=args.momentum,
+                                    layer_decay=args.layer_decay, **optimizer_kwargs(args))
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=updates_per_epoch(args, steps_per_epoch))
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+    return Optimization(optimizer, lr_scheduler, step_lr_per_update=args.sched_on_updates,
+                        loss_scaler=NativeScaler(device=device.type) if amp_dtype == torch.float16 else None,
+                        max_norm=args.clip_grad, accum_steps=args.accum_steps, model_ema=model_ema)
+
+
+def updates_per_epoch(args, steps_per_epoch: int) -> int:
+    return (steps_per_epoch + args.accum_steps - 1) // args.accum_steps
+
+
+def steps_per_epoch(loader, args) -> int:
+    """Batches one epoch runs: the loader's length, capped by ``--max-steps-per-epoch``."""
+    return min(args.max_steps_per_epoch, len(loader)) if args.max_steps_per_epoch else len(loader)
+
+
+def wrap_for_training(model, args, dist: DistInfo):
+    """The module the training loop calls: ``torch.compile`` (``--compile``) and DDP in distributed runs. The
+    plain ``model`` stays the one to evaluate, save and average (EMA)."""
+    train_model = torch.compile(model) if args.compile else model
+    if dist.distributed:
+        device_ids = [dist.local_rank] if str(dist.device).startswith('cuda') else None
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
+    return train_model

@@ -14,7 +14,7 @@ import os
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import published
+from framework import published
 from utils import UserError
 
 SEED = '003'

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import counting
+from engine import autocast
+from framework import counting
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 
@@ -89,16 +90,12 @@ class Runner:
             tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
     def step(self) -> None:
         if not self.train:
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), autocast(self.device, self.amp_dtype):
                 self.model(self.x)
             return
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             out = self.model(self.x)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             loss = sum(F.cross_entropy(o.float(), self.y) for o in outs)
