@@ -32,9 +32,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from framework import builders
-from framework import options
-from framework.timing import AMP_DTYPES, Runner, conditions, measure, peak_rss_mb, summarize, timed_run  # noqa: F401
+from framework import builders, options
+from framework.timing import AMP_DTYPES, Runner, conditions, measure, peak_rss_mb
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))

@@ -23,13 +23,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from framework import builders
-from framework import counting
 import datasets
-import models
-from framework import options
-from framework import published
+from framework import builders, counting, options, published
 from framework.counting import UncountedOpError
+import models
 from models.token_reduction import record_states, token_schedule
 from utils import ArgumentParser, UserError
 

@@ -14,12 +14,10 @@ import torch
 import torch.backends.cudnn as cudnn
 from timm.utils import random_seed
 
-from framework import builders
-from framework import counting
-import models
-from framework import options
-import utils
 from engine import LoopOptions, NonFiniteLossError, Optimization, evaluate, resolve_amp, train_one_epoch
+from framework import builders, counting, options
+import models
+import utils
 from utils import DistInfo, UserError
 
 

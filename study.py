@@ -17,7 +17,6 @@ once, whatever the number of processes) when the config or the command line name
 run on the first process only. Any other flag (``--input-size``, ``--data-path``, ``--device`` ...) is a ``main.py``
 option applied to the config.
 """
-import json
 import os
 import sys
 import time
@@ -26,22 +25,16 @@ from typing import List, Optional
 
 import torch
 
-from framework import builders
-from framework import counting
-import models
-from framework import options
-from framework import published
+from engine import LoopOptions, evaluate
 from framework import study_results as rs
-from framework import timing
-import utils
-from engine import LoopOptions, evaluate, train_one_epoch
+from framework import builders, counting, options, published, timing
+from framework.demo import DEMO_CONFIG, DEMO_SWEEP, train_demo
+import models
 from models.token_reduction import METHODS, resolve_method
 from models.token_reduction.core import build_method
+import utils
 from utils import ArgumentParser, UserError
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-DEMO_CONFIG = os.path.join(REPO, 'config', 'demo-digits-vit.json')
-DEMO_SWEEP = os.path.join(REPO, 'data', 'study-digits-sweep.json')
 
 
 def get_parser() -> ArgumentParser:
@@ -132,32 +125,6 @@ def load_weights(model, path: str, model_name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- demo
-
-def train_demo(args, device: torch.device, path: str) -> None:
-    """Train the demo backbone as ``main.py`` trains a config (builders + engine loops), save its weights to
-    ``path`` (atomically, ``{'model', 'args', 'acc1'}``)."""
-    print(f'training the demo backbone ({args.model} on {args.data_set}, {args.epochs} epochs) into {path}')
-    from timm.utils import random_seed
-    random_seed(args.seed, 0)
-    dist = utils.DistInfo(device=str(device))
-    dataset_train, dataset_val, num_classes = builders.build_datasets(args)
-    loader_train = builders.build_train_loader(dataset_train, args, dist)
-    loader_val = builders.build_val_loader(dataset_val, args, dist)
-    model = builders.build_model(args, num_classes, plain=True).to(device)
-    opt = builders.build_optimization(args, model, builders.steps_per_epoch(loader_train, args), 1, device, None)
-    criterion = builders.build_criterion(args, None, None)
-    loop = LoopOptions(device, print_freq=10 ** 6)
-    start = time.time()
-    for epoch in range(args.epochs):
-        train_one_epoch(model, criterion, loader_train, opt, loop, epoch)
-        opt.lr_scheduler.step(epoch + 1)
-    stats = evaluate(loader_val, model, loop)
-    print(f"demo backbone: top-1 {stats['acc1']:.2f}% after {args.epochs} epochs ({time.time() - start:.0f} s)")
-    config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ('model_kwargs', 'given')},
-                                   default=str))
-    utils.save_on_master({'model': model.state_dict(), 'args': {**config, **args.model_kwargs},
-                          'acc1': stats['acc1']}, path)
-
 
 # -------------------------------------------------------------------------------------------------------- measuring
 

@@ -16,10 +16,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler
 
 import datasets
-import models
 from engine import Optimization
 from framework import options
 from losses import DistillationLoss
+import models
 from samplers import ExactDistributedSampler, RASampler
 from utils import DistInfo, UserError
 

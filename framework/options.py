@@ -9,7 +9,7 @@ import argparse
 import difflib
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from timm.data import resolve_data_config
 

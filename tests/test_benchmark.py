@@ -11,10 +11,9 @@ import torch
 from conftest import run_script
 
 import benchmark
-from framework import counting
-import models
-from framework import timing
 from benchmarks import table
+from framework import counting, timing
+import models
 
 SMALL = ['--batch-size', '2', '--iters', '2', '--warmup', '1', '--repeats', '2', '--json', '--input-size', '64']
 TINY_RUN = ['--warmup', '0', '--iters', '1', '--repeats', '1', '--batch-size', '1', '--json']
@@ -72,7 +71,7 @@ def _runner(mode, model=None, **kw):
     args = SimpleNamespace(mode=mode, amp='none', channels_last=False, compile=False, batch_size=2, **kw)
     model = model or models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8,
                                          num_blocks=2, pool_block_width=1)
-    return benchmark.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000, input_size=32)
+    return timing.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000, input_size=32)
 
 
 def test_train_step_updates_weights_with_adamw():
@@ -114,12 +113,12 @@ def test_train_step_accepts_tuple_outputs():
 def test_clean_filter_keeps_iterations_with_all_cores():
     runs = [dict(wall=3.0, iter_wall=[1.0, 1.0, 1.0], iter_cpu=[2.0, 1.0, 1.9]),
             dict(wall=2.0, iter_wall=[0.5, 1.5], iter_cpu=[0.95, 1.5])]
-    s = benchmark.summarize(runs, batch=4, iters=3, threads=2, clean_ratio=0.9)
+    s = timing.summarize(runs, batch=4, iters=3, threads=2, clean_ratio=0.9)
     assert s['img_per_s']['per_repeat'] == [4.0, 6.0]
     assert s['clean']['min_cpu_wall_ratio'] == 1.8
     assert (s['clean']['iters_kept'], s['clean']['iters_total']) == (3, 5)  # 2.0/1, 1.9/1, 0.95/0.5
     assert s['clean']['img_per_s_median'] == pytest.approx(4 / 1.0)
-    cuda_like = benchmark.summarize([dict(wall=1.0, iter_wall=[], iter_cpu=[])], 8, 2, 1, 0.9)
+    cuda_like = timing.summarize([dict(wall=1.0, iter_wall=[], iter_cpu=[])], 8, 2, 1, 0.9)
     assert cuda_like['clean'] is None and cuda_like['img_per_s']['median'] == 16.0
 
 
@@ -130,7 +129,7 @@ def test_measure_interleaves_runs(monkeypatch):
     a, b = _runner('infer'), _runner('infer')
     a.label, b.label = 'ours', 'theirs'
     args = SimpleNamespace(warmup=0, repeats=3, iters=1, batch_size=2, clean_ratio=0.9)
-    results = benchmark.measure([a, b], args)
+    results = timing.measure([a, b], args)
     assert order == ['ours', 'theirs'] * 3
     assert [r['model'] for r in results] == ['ours', 'theirs']
 

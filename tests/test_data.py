@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from framework import options
 from datasets import build_dataset, digits_split
+from framework import options
 from samplers import ExactDistributedSampler, RASampler
 from utils import UserError
 

@@ -18,12 +18,11 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
-from framework import builders
+from conftest import FAST, REPO, TINY_HVT, run_script
+from framework import builders, options
 import main
 import models
-from framework import options
 import utils
-from conftest import FAST, REPO, TINY_HVT, run_script
 from utils import UserError
 
 DIGITS = ['--data-set', 'DIGITS']

@@ -4,9 +4,8 @@ import json
 import pytest
 import torch
 
-from framework import builders
-from framework import options
 from conftest import FAST, TINY_HVT, run_script
+from framework import builders, options
 
 DIGITS = ['--data-set', 'DIGITS']
 TINY_PIT = ['--model', 'pit_ti_distilled', '--input-size', '32', '--patch-size', '4', '--stride', '4',

@@ -13,9 +13,8 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 import torch
 
-from framework import counting
+from framework import counting, published
 import models
-from framework import published
 from models.token_reduction import METHODS, apply_token_reduction, token_schedule
 from vit_reference import expedit_gmacs, tiny_vit
 

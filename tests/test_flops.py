@@ -12,11 +12,9 @@ import torch.nn.functional as F
 
 from conftest import REPO, run_script
 
-from framework import builders
-from framework import counting
 import flops
+from framework import builders, counting, published
 import models
-from framework import published
 from models.layers import set_fused_attn
 
 CONFIG = os.path.join(REPO, 'config')

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import models
 from framework import options
+import models
 from utils import UserError
 
 OFFICIAL_HVT_S_2 = {  # config/hvt-s-2.json of MonashAI/HVT, all 13 keys

@@ -15,8 +15,8 @@ import torch
 from conftest import REPO
 
 from framework import counting
-import models
 from framework import study_results as rs
+import models
 import study
 
 # swag_vit_l16 at 64 px (4x4 patches + class token), narrowed so a row takes well under a second

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torchvision.models import vision_transformer as tv
 
-import datasets
-import models
-from framework import options
 from conftest import REPO, run_script
+import datasets
+from framework import options
+import models
 
 # (our model, torchvision builder, patch, width, MLP, blocks, default input size)
 ARCHS = {
