@@ -28,7 +28,7 @@ import torch
 from engine import LoopOptions, evaluate
 from framework import study_results as rs
 from framework import builders, counting, options, published, timing
-from framework.demo import DEMO_CONFIG, DEMO_SWEEP, train_demo
+from framework.demo import DEMO_CONFIG, DEMO_SWEEP, ensure_backbone
 import models
 from models.token_reduction import METHODS, resolve_method
 from models.token_reduction.core import build_method
@@ -238,12 +238,7 @@ def run(argv: Optional[List[str]]) -> int:
 
     checkpoint = study.checkpoint
     if demo and checkpoint is None:
-        checkpoint = os.path.join(study.output_dir, 'checkpoint.pth')
-        if not os.path.isfile(checkpoint):
-            if dist.distributed:
-                raise UserError(f'the demo backbone is not trained yet ({checkpoint}); run study.py once in one '
-                                f'process to train it')
-            train_demo(args, device, checkpoint)
+        checkpoint = ensure_backbone(args, device, dist.distributed)
     if checkpoint:
         load_weights(model, checkpoint, args.model)
     else:

@@ -9,6 +9,7 @@ from timm.utils import random_seed
 
 from engine import LoopOptions, evaluate, train_one_epoch
 from framework import builders
+from utils import UserError
 import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,3 +40,19 @@ def train_demo(args, device: torch.device, path: str) -> None:
                                    default=str))
     utils.save_on_master({'model': model.state_dict(), 'args': {**config, **args.model_kwargs},
                           'acc1': stats['acc1']}, path)
+
+
+def backbone_path(args) -> str:
+    """Where the demo backbone's weights live for the resolved demo config ``args``."""
+    return os.path.join(args.output_dir, 'checkpoint.pth')
+
+
+def ensure_backbone(args, device: torch.device, distributed: bool = False) -> str:
+    """The path of the demo backbone's weights, training it first (in this process) when they are missing."""
+    path = backbone_path(args)
+    if not os.path.isfile(path):
+        if distributed:
+            raise UserError(f'the demo backbone is not trained yet ({path}); run the command once in one process '
+                            f'to train it')
+        train_demo(args, device, path)
+    return path
