@@ -183,6 +183,15 @@ def test_resume_is_exact(name, tmp_path):
             assert torch.equal(value, b[part][key]), (part, key)
 
 
+@pytest.mark.parametrize('name,amp', [*[(name, 'fp16') for name in SPECS], ('ats', 'bf16'), ('hourglass', 'bf16')])
+def test_mixed_precision_training(name, amp, tmp_path):
+    """main.py under CPU autocast (fp16 with timm's NativeScaler, or bf16): finite losses, finite weights."""
+    assert main.main(train_args(SPECS[name], tmp_path, 1, '--amp', amp)) == 0
+    record = json.loads((tmp_path / 'log.txt').read_text())
+    assert math.isfinite(record['train_loss']) and math.isfinite(record['test_loss'])
+    assert all(torch.isfinite(v).all() for v in load(tmp_path / 'checkpoint.pth')['model'].values())
+
+
 @pytest.fixture(scope='module')
 def ats_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('ats_run')
