@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 
+from models.token_reduction import training_progress
 import utils
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf on some rank; raised on every rank together."""
+    """The loss became NaN/Inf on some rank (training) or the summed evaluation loss is not finite; raised on every
+    rank together."""
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -68,6 +70,8 @@ def train_one_epoch(model, criterion, data_loader, opt: Optimization, loop: Loop
     The loss of every step is summed over ranks before the backward pass, so a NaN/Inf on any rank stops all ranks
     at the same step (before the weights are touched) with :class:`NonFiniteLossError`. With ``opt.accum_steps > 1``
     the gradients of that many batches are accumulated (DDP ``no_sync`` in between) before one optimizer step.
+    Each forward runs inside ``training_progress(epoch + step / steps)``, which token-reduction methods with a
+    training schedule read (EViT's keep-rate shrinking); evaluation forwards run outside it.
     """
     device, optimizer, accum_steps = loop.device, opt.optimizer, opt.accum_steps
     model.train(loop.train_mode)
@@ -86,7 +90,7 @@ def train_one_epoch(model, criterion, data_loader, opt: Optimization, loop: Loop
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         need_update = (step + 1) % accum_steps == 0 or step + 1 == steps
-        with autocast(device, loop.amp_dtype):
+        with autocast(device, loop.amp_dtype), training_progress(epoch + step / steps):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
 
@@ -144,7 +148,9 @@ def _limit(loader, steps: int):
 @torch.no_grad()
 def evaluate(data_loader, model, loop: LoopOptions):
     """Top-1, top-5 and mean cross-entropy over the whole loader. Sums stay on the device (no host sync per batch)
-    and are added over ranks once at the end, so ranks may hold different numbers of samples."""
+    and are added over ranks once at the end, so ranks may hold different numbers of samples. A loss sum that is
+    not finite (NaN/Inf logits on some rank) raises :class:`NonFiniteLossError` on every rank, since every rank
+    sees the same added sums."""
     device = loop.device
     model.eval()
     logger = utils.MetricLogger()
@@ -163,6 +169,8 @@ def evaluate(data_loader, model, loop: LoopOptions):
                                hits.any(dim=1).sum(), torch.tensor(images.shape[0], device=device)]).double()
     loss_sum, correct1, correct5, n = utils.all_reduce_sum(totals.tolist(), device)
     n = int(round(n))
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLossError(f'evaluation loss is {loss_sum} ({n} images)')
     stats = {'loss': loss_sum / max(n, 1), 'acc1': 100.0 * correct1 / max(n, 1),
              'acc5': 100.0 * correct5 / max(n, 1), 'n_samples': n}
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} "

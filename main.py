@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.backends.cudnn as cudnn
@@ -17,6 +18,7 @@ from timm.utils import random_seed
 from engine import LoopOptions, NonFiniteLossError, Optimization, evaluate, resolve_amp, train_one_epoch
 from framework import builders, counting, options
 import models
+from models.token_reduction import resolve_method
 import utils
 from utils import DistInfo, UserError
 
@@ -41,6 +43,12 @@ def main(argv=None) -> int:
             print(f'error: interrupted; {hint}', file=sys.stderr, flush=True)
         return 130
     except NonFiniteLossError as e:
+        if args.eval:
+            if utils.is_main_process():
+                print(f'error: {e} with model {args.model} and token_reduction {spec_json(args.token_reduction)}; '
+                      f'this setting does not give finite logits on these weights (nothing written)',
+                      file=sys.stderr, flush=True)
+            return 2
         last = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else ''
         kept = f'the last good checkpoint is kept ({last})' if last and os.path.isfile(last) else 'no checkpoint yet'
         if utils.is_main_process():
@@ -66,12 +74,21 @@ def run(args, dist: DistInfo) -> int:
 
     dataset_train, dataset_val, num_classes = builders.build_datasets(args, with_train=not args.eval)
     loader_val = builders.build_val_loader(dataset_val, args, dist)
-    model = build_model(args, num_classes)
     resume_path = find_resume(args)
-    checkpoint = load_resume_checkpoint(resume_path, model, num_classes, args) if resume_path else None
+    checkpoint = read_checkpoint(resume_path, '--resume') if resume_path else None
+    weights = checkpoint if checkpoint is not None else (
+        read_checkpoint(args.finetune, '--finetune') if args.eval and args.finetune else None)
+    trained_spec = adopt_token_reduction(args, weights)
+    model = build_model(args, num_classes)
+    args.token_reduction = full_spec(model, args.token_reduction)
+    if trained_spec is not NOT_RECORDED:
+        check_token_reduction(args, full_spec(model, trained_spec), resume_path or args.finetune)
+    if checkpoint is not None:
+        load_resume_weights(checkpoint, resume_path, model, num_classes, args)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     if args.eval:
-        return evaluate_only(args, dist, model, loader_val, loop, resume_path)
+        return evaluate_only(args, dist, model, loader_val, loop, resume_path,
+                             None if trained_spec is NOT_RECORDED else full_spec(model, trained_spec))
 
     loader_train = builders.build_train_loader(dataset_train, args, dist)
     steps_per_epoch = builders.steps_per_epoch(loader_train, args)
@@ -144,7 +161,8 @@ def end_epoch(args, dist: DistInfo, model, opt: Optimization, state: 'TrainState
     n_total, n_parameters = counting.count_params(model)
     log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                  **{f'test_{k}': v for k, v in test_stats.items()},
-                 'epoch': epoch, 'n_parameters': n_parameters, 'n_parameters_total': n_total}
+                 'epoch': epoch, 'n_parameters': n_parameters, 'n_parameters_total': n_total,
+                 'token_reduction': args.token_reduction}
     is_best_ema = False
     if opt.model_ema is not None:
         ema_stats = evaluate(loader_val, opt.model_ema.module, loop)
@@ -183,7 +201,8 @@ def run_config(args, dist: DistInfo) -> dict:
 
 def checkpoint_contents(model, opt: Optimization, state: TrainState, rng_states: list, config: dict) -> dict:
     """Everything a resume needs, as tensors, dicts, lists, numbers and strings only (loadable with
-    ``torch.load(weights_only=True)``). :func:`restore_checkpoint` reads it back."""
+    ``torch.load(weights_only=True)``). :func:`restore_checkpoint` reads it back. ``token_reduction`` is the full
+    spec the weights were trained with (None: the plain model), also in ``args``."""
     return {
         'model': model.state_dict(),
         'optimizer': opt.optimizer.state_dict(),
@@ -193,6 +212,7 @@ def checkpoint_contents(model, opt: Optimization, state: TrainState, rng_states:
         **dataclasses.asdict(state),
         'rng_states': rng_states,
         'args': json.loads(json.dumps(config, default=str)),
+        'token_reduction': config.get('token_reduction'),
     }
 
 
@@ -244,13 +264,19 @@ def find_resume(args) -> str:
     return ''
 
 
-def load_resume_checkpoint(path: str, model, num_classes: int, args) -> dict:
-    """Load the weights of ``path`` into ``model`` strictly; returns the whole checkpoint dict.
+def read_checkpoint(path: str, flag: str) -> dict:
+    try:
+        return models.load_checkpoint_file(path)
+    except models.CheckpointError as e:
+        raise UserError(f'{flag}: {e}') from None
+
+
+def load_resume_weights(ckpt: dict, path: str, model, num_classes: int, args) -> None:
+    """Load the weights of checkpoint ``ckpt`` (read from ``path``) into ``model`` strictly.
 
     Upstream layouts (official HVT, timm, ...) go through the model's converter; a class count that differs from the
     data set's is an error (use --finetune to start from weights of another class count)."""
     try:
-        ckpt = models.load_checkpoint_file(path)
         models.load_pretrained(model, ckpt, use_ema=args.eval_ema, drop_mismatched_head=False, strict=True, log=None)
     except models.ClassCountError as e:
         raise UserError(f"checkpoint {path} has {e.checkpoint_classes} classes but data set {args.data_set} has "
@@ -258,14 +284,76 @@ def load_resume_checkpoint(path: str, model, num_classes: int, args) -> dict:
     except models.CheckpointError as e:
         raise UserError(f'{path}: {e}') from None
     print(f'loaded weights from {path}' + (' (EMA)' if args.eval_ema else ''))
-    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- token reduction spec
+
+NOT_RECORDED = object()   # a checkpoint that does not say which token reduction its weights were trained with
+
+
+def recorded_token_reduction(ckpt: Optional[dict]):
+    """The token-reduction spec a checkpoint of this framework was trained with (None: plain), or NOT_RECORDED
+    (upstream weights, or no checkpoint)."""
+    if not isinstance(ckpt, dict):
+        return NOT_RECORDED
+    if 'token_reduction' in ckpt and 'model' in ckpt:
+        return ckpt['token_reduction']
+    saved = ckpt.get('args')
+    if isinstance(saved, dict) and 'token_reduction' in saved:
+        return saved['token_reduction']
+    return NOT_RECORDED
+
+
+def adopt_token_reduction(args, ckpt: Optional[dict]):
+    """Run the checkpoint's recorded spec unless the command line or config names one (``args.given``); returns
+    the recorded spec (or NOT_RECORDED)."""
+    trained = recorded_token_reduction(ckpt)
+    if trained is not NOT_RECORDED and 'token_reduction' not in args.given:
+        args.token_reduction = trained
+    return trained
+
+
+def full_spec(model, spec) -> Optional[dict]:
+    """``spec`` with every parameter filled in (the method's defaults), None for the plain model; a spec this model
+    cannot take is a :class:`UserError`."""
+    if spec is None:
+        return None
+    try:
+        return resolve_method(model, spec).spec()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def spec_json(spec) -> str:
+    return json.dumps(spec, sort_keys=False) if spec is not None else 'null (plain model)'
+
+
+def check_token_reduction(args, trained: Optional[dict], path: str) -> None:
+    """Compare this run's spec with the one the weights at ``path`` were trained with: ``--eval`` prints both when
+    they differ; a resumed training run refuses another spec unless ``--finetune`` is given."""
+    if trained == args.token_reduction:
+        if trained is not None:
+            print(f'token reduction (as trained): {spec_json(trained)}')
+        return
+    if args.eval:
+        print(f'note: {path} was trained with token_reduction {spec_json(trained)}; evaluating with '
+              f'{spec_json(args.token_reduction)} as the command line or config names')
+    elif args.finetune:
+        print(f'note: {path} was trained with token_reduction {spec_json(trained)}; fine-tuning with '
+              f'{spec_json(args.token_reduction)}')
+    else:
+        raise UserError(f'cannot resume {path}: it was trained with token_reduction {spec_json(trained)}, this run '
+                        f'sets {spec_json(args.token_reduction)}; resume with the same setting, or add --finetune '
+                        f'{path} to continue from its weights with the new one')
 
 
 # --------------------------------------------------------------------------------------------------------------- eval
 
-def evaluate_only(args, dist: DistInfo, model, loader_val, loop: LoopOptions, resume_path: str) -> int:
+def evaluate_only(args, dist: DistInfo, model, loader_val, loop: LoopOptions, resume_path: str,
+                  trained_spec: Optional[dict]) -> int:
     """Score the model once; rank 0 writes ``eval.json`` with the scores, the setting (data config, token
-    reduction) and the model's GMACs at that setting (fvcore convention, one image)."""
+    reduction, and the one the weights were trained with: None for plain or unrecorded) and the model's GMACs at
+    that setting (fvcore convention, one image)."""
     stats = evaluate(loader_val, model, loop)
     print(f"Accuracy of the network on the {stats['n_samples']} test images: {stats['acc1']:.2f}% "
           f"(top-5 {stats['acc5']:.2f}%)")
@@ -274,7 +362,8 @@ def evaluate_only(args, dist: DistInfo, model, loader_val, loop: LoopOptions, re
         macs = counting.count_macs(model, args.input_size, 'fvcore')[0]
         data = builders.data_config(args)
         result = {**stats, 'checkpoint': resume_path or args.finetune or None, 'ema': args.eval_ema,
-                  'model': args.model, 'token_reduction': args.token_reduction, 'gmacs': macs / 1e9,
+                  'model': args.model, 'token_reduction': args.token_reduction,
+                  'token_reduction_trained': trained_spec, 'gmacs': macs / 1e9,
                   'gmacs_convention': 'fvcore', 'input_size': args.input_size, 'crop_pct': data['crop_pct'],
                   'interpolation': data['interpolation'], 'mean': list(data['mean']), 'std': list(data['std']),
                   'data_set': args.data_set, 'world_size': dist.world_size}

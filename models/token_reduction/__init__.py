@@ -12,11 +12,11 @@ from typing import List, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from .core import METHODS, TokenReduction, TokenState, build_method, record_states
+from .core import METHODS, TokenReduction, TokenState, build_method, record_states, training_progress
 from . import act, ats, evit, evo_vit, hourglass, smyrf, tome  # noqa: F401  (each method file registers itself)
 
-__all__ = ['apply_token_reduction', 'token_schedule', 'resolve_method', 'record_states', 'METHODS', 'TokenReduction',
-           'TokenState']
+__all__ = ['apply_token_reduction', 'token_schedule', 'resolve_method', 'record_states', 'training_progress', 'METHODS',
+           'TokenReduction', 'TokenState']
 
 
 def _plain_vit_names() -> List[str]:

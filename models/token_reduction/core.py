@@ -114,17 +114,40 @@ def record_states():
         _RECORDING.reset(token)
 
 
+# the training progress of the forwards run in this context, in epochs (None: not training)
+_TRAINING_PROGRESS: ContextVar[Optional[float]] = ContextVar('token_reduction_training_progress', default=None)
+
+
+@contextmanager
+def training_progress(epochs: float):
+    """Tell the methods where in training the forwards run inside the ``with`` block are: ``epochs`` done, counted
+    in fractional epochs (epoch + step / steps per epoch). The training loop sets it around each training forward;
+    every :class:`TokenState` made inside reads it (``state.progress``). Outside it (evaluation, inference) the
+    progress is None and every method runs its spec's target setting (e.g. EViT's ``keep_rate``)::
+
+        with training_progress(epoch + step / steps):
+            loss = criterion(model(images), targets)
+    """
+    token = _TRAINING_PROGRESS.set(float(epochs))
+    try:
+        yield
+    finally:
+        _TRAINING_PROGRESS.reset(token)
+
+
 class TokenState:
     """Per-forward state, made by :meth:`TokenReduction.new_state` at the start of every forward.
 
     ``index`` is the block about to run (set by the model's block loop), ``depth`` the number of blocks,
-    ``grid_size`` the patch grid (rows, cols) of the input. Methods subclass it for what they carry."""
+    ``grid_size`` the patch grid (rows, cols) of the input, ``progress`` the training progress in epochs
+    (:func:`training_progress`; None outside training). Methods subclass it for what they carry."""
 
     def __init__(self, method: 'TokenReduction', grid_size: Tuple[int, int], depth: int):
         self.method = method
         self.grid_size = tuple(grid_size)
         self.depth = depth
         self.index = 0
+        self.progress: Optional[float] = _TRAINING_PROGRESS.get()
         recording = _RECORDING.get()
         if recording is not None:
             recording.append(self)

@@ -7,6 +7,12 @@ Expedit-SWAG's code computes and what its tables used: it needs the whole map, s
 attention path); ``score='cls'`` is the class token's attention row, heads averaged (the EViT paper; one query row
 beside the fused kernel). With ``fuse`` the dropped tokens are summed, weighted by their scores, into one extra token
 placed last (the EViT code's ``extra_token``; its weights are not renormalised there either).
+
+Training (the EViT code's ``adjust_keep_rate``): with ``shrink_epochs`` > 0 the keep rate of a training forward is 1
+for the first ``shrink_start_epoch`` epochs, then follows a half cosine from 1 down to ``keep_rate`` over
+``shrink_epochs`` epochs (per step), then stays at ``keep_rate``; EViT trains DeiT with 10 and 100. The training loop
+tells the forward where it is (``core.training_progress``); evaluation always runs ``keep_rate``. The top-k choice is
+discrete; the kept tokens, and the fused token through its attention-score weights, carry gradients, as upstream.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -14,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .core import (TokenReduction, TokenState, bool_param, check_block_index, choice_param, class_attention,
-                   float_param, gather_tokens, int_list_param, mean_received_attention, register_method)
+                   float_param, gather_tokens, int_list_param, int_param, mean_received_attention, register_method)
 
 
 def default_locations(depth: int) -> List[int]:
@@ -27,6 +33,19 @@ def kept_patch_count(num_tokens: int, keep_rate: float) -> int:
     """Patch tokens kept out of ``num_tokens`` (class token included): ceil(keep_rate · (N - 1)), upstream's float
     arithmetic. Equal to N - 1 means the location leaves the tokens as they are."""
     return math.ceil(keep_rate * (num_tokens - 1))
+
+
+def shrinking_keep_rate(progress: Optional[float], keep_rate: float, shrink_start_epoch: int,
+                        shrink_epochs: int) -> float:
+    """The keep rate at ``progress`` epochs into training (None: not training -> ``keep_rate``): the EViT code's
+    ``adjust_keep_rate`` (1 before ``shrink_start_epoch``, a half cosine from 1 to ``keep_rate`` over
+    ``shrink_epochs``, then ``keep_rate``), with its iteration count as fractional epochs."""
+    if progress is None or shrink_epochs == 0 or progress >= shrink_start_epoch + shrink_epochs:
+        return keep_rate
+    if progress < shrink_start_epoch:
+        return 1.0
+    done = (progress - shrink_start_epoch) / shrink_epochs
+    return keep_rate + (1 - keep_rate) * (math.cos(done * math.pi) + 1) * 0.5
 
 
 def evit_schedule(num_tokens: int, depth: int, keep_rate: float, locations: Sequence[int],
@@ -62,6 +81,9 @@ def select_tokens(x: torch.Tensor, patch_scores: torch.Tensor, keep: int, fuse: 
 class EViTState(TokenState):
     def __init__(self, method, grid_size, depth):
         super().__init__(method, grid_size, depth)
+        # this forward's keep rate: ``keep_rate``, or the shrink schedule's value in a training forward
+        self.keep_rate = shrinking_keep_rate(self.progress, method.keep_rate, method.shrink_start_epoch,
+                                             method.shrink_epochs)
         self.patch_scores: Optional[torch.Tensor] = None   # (B, N - 1), set by a reduction block's attention
 
 
@@ -73,8 +95,18 @@ class EViT(TokenReduction):
         'locations': int_list_param(0, default=None, allow_none=True),
         'fuse': bool_param(False),
         'score': choice_param(('mean', 'cls'), 'mean'),
+        'shrink_start_epoch': int_param(0, 0),
+        'shrink_epochs': int_param(0, 0),
     }
     main_param = 'keep_rate'
+
+    def spec(self):
+        """The full spec; the training-only shrink parameters appear only when shrinking is on (``shrink_epochs`` >
+        0), so an inference spec reads as before."""
+        spec = super().spec()
+        if not self.shrink_epochs:
+            del spec['shrink_start_epoch'], spec['shrink_epochs']
+        return spec
 
     def block_locations(self, depth: int) -> List[int]:
         return list(self.locations) if self.locations is not None else default_locations(depth)
@@ -96,7 +128,7 @@ class EViT(TokenReduction):
 
     def reduces_here(self, num_tokens: int, state: EViTState) -> bool:
         return (state.index in self.block_locations(state.depth)
-                and kept_patch_count(num_tokens, self.keep_rate) < num_tokens - 1)
+                and kept_patch_count(num_tokens, state.keep_rate) < num_tokens - 1)
 
     def attention(self, attn, x, state):
         if not self.reduces_here(x.shape[1], state):
@@ -113,7 +145,7 @@ class EViT(TokenReduction):
     def after_attention(self, block, x, state):
         if state.patch_scores is None:
             return x
-        keep = kept_patch_count(x.shape[1], self.keep_rate)
+        keep = kept_patch_count(x.shape[1], state.keep_rate)
         x = select_tokens(x, state.patch_scores, keep, self.fuse)
         state.patch_scores = None
         return x
