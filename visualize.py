@@ -24,7 +24,7 @@ from timm.data import create_transform
 import datasets
 from framework import builders, options, token_maps
 from framework import study_results as rs
-from framework.demo import DEMO_CONFIG, DEMO_SWEEP, ensure_backbone
+from framework.demo import DEMO_CONFIG, DEMO_SWEEP, backbone_path, ensure_backbone
 import models
 from models.token_reduction import resolve_method
 from utils import ArgumentParser, UserError
@@ -121,7 +121,8 @@ def run(argv: Optional[List[str]]) -> int:
     vis, rest = get_parser().parse_known_args(argv)
     demo = vis.config is None
     args = builders.load_args(DEMO_CONFIG if demo else vis.config, rest)
-    options.adapt_to_machine(args)
+    for note in options.adapt_to_machine(args):
+        print(f'note: {note}')
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} given but CUDA is not available; use --device cpu')
@@ -145,6 +146,7 @@ def run(argv: Optional[List[str]]) -> int:
 
     checkpoint = vis.checkpoint
     if checkpoint is None and demo and not vis.random_weights:
+        os.makedirs(os.path.dirname(backbone_path(args)) or '.', exist_ok=True)
         checkpoint = ensure_backbone(args, device)
     if checkpoint:
         load_weights(model, checkpoint, args.model)

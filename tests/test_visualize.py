@@ -97,6 +97,12 @@ def test_cluster_records(model, images):
     tokens = state.patch_tokens(3)
     assert tokens.min() >= 1 and tokens.max() <= 16
     assert torch.equal(state.records[1]['clusters'] + 1, tokens)
+    # after a reconstruction every patch has its own token again: no clusters drawn there
+    spec = {**SPECS['hourglass'], 'reconstruct_location': 3}
+    state, _ = recorded(model, images, spec)
+    assert torch.equal(state.patch_tokens(3)[0], torch.arange(1, PATCHES + 1))
+    assert token_maps.patch_maps(state, 2)[0].title.endswith('clusters')
+    assert token_maps.patch_maps(state, 3) is None
     state, _ = recorded(model, images, SPECS['act'])
     for block in range(4):
         labels = state.records[block]['clusters']
