@@ -165,7 +165,7 @@ def run(argv: Optional[List[str]]) -> int:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     token_maps.save_figure(pictures, rows, vis.output, captions,
-                           title=f'{args.model}, {args.input_size} px: tokens at block {block} of {depth} (0-based)')
+                           title=f'{args.model}, {args.input_size} px, block {block} (0-based) of {depth}')
     print(f'wrote {vis.output}')
     return 0
 

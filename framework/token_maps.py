@@ -147,7 +147,8 @@ def save_figure(pictures: np.ndarray, rows: List[tuple], path: str, column_title
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     num_rows, num_cols = len(rows), len(pictures)
-    fig, axes = plt.subplots(num_rows, num_cols, figsize=(1.9 * num_cols + 1.6, 2.05 * num_rows + 0.5),
+    cell = min(5.0, max(1.9, pictures.shape[1] / 100))  # inches: 512 px inputs get larger cells
+    fig, axes = plt.subplots(num_rows, num_cols, figsize=(cell * num_cols + 1.6, (cell + 0.15) * num_rows + 0.5),
                              squeeze=False)
     for r, (label, maps) in enumerate(rows):
         for c, (picture, patch_map) in enumerate(zip(pictures, maps)):
