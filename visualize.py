@@ -102,7 +102,7 @@ def load_images(paths: Optional[List[str]], args):
     return torch.stack([dataset_val[i][0] for i in picked]), [f'digit {dataset_val.targets[i]}' for i in picked]
 
 
-def load_weights(model, path: str, model_name: str) -> None:
+def load_weights(model, path: str) -> None:
     try:
         models.load_pretrained(model, path, drop_mismatched_head=False, strict=True, log=None)
     except models.CheckpointError as e:
@@ -149,7 +149,7 @@ def run(argv: Optional[List[str]]) -> int:
         os.makedirs(os.path.dirname(backbone_path(args)) or '.', exist_ok=True)
         checkpoint = ensure_backbone(args, device)
     if checkpoint:
-        load_weights(model, checkpoint, args.model)
+        load_weights(model, checkpoint)
     else:
         print('note: no --checkpoint: the backbone has random weights')
     model.to(device).eval()

@@ -105,7 +105,9 @@ def record_states():
         with record_states() as states:
             model(images)
         states[-1].counts()   # e.g. the mean tokens per block of a data-dependent method
-    """
+        states[-1].records    # per block, what the method did to the input patches (TokenState.record)
+
+    Only while recording do the methods compute what ``records`` holds; other forwards skip it."""
     states: list = []
     token = _RECORDING.set(states)
     try:
