@@ -107,6 +107,8 @@ def load_weights(model, path: str) -> None:
         models.load_pretrained(model, path, drop_mismatched_head=False, strict=True, log=None)
     except models.CheckpointError as e:
         raise UserError(f'--checkpoint {path}: {str(e).splitlines()[0]}') from None
+    except KeyError:  # what torch's weights-only unpickler raises on some non-PyTorch files
+        raise UserError(f'--checkpoint {path}: cannot read it (corrupt, truncated or not a PyTorch file)') from None
 
 
 # --------------------------------------------------------------------------------------------------------------- run

@@ -158,6 +158,8 @@ def test_script_on_a_file_image(tmp_path):
 def bad_inputs(tmp_path):
     not_an_image = tmp_path / 'notes.png'
     not_an_image.write_text('not an image')
+    junk = tmp_path / 'junk.pth'
+    junk.write_text('junk\n')
     return {
         'unreadable image': (['--image', str(not_an_image)], 'cannot read image'),
         'missing image': (['--image', str(tmp_path / 'none.png')], 'cannot read image'),
@@ -167,6 +169,7 @@ def bad_inputs(tmp_path):
         'invalid JSON': (['--token-reduction', '{method'], 'not valid JSON'),
         'block outside': (['--block', '6'], '--block 6 is outside'),
         'missing checkpoint': (['--checkpoint', str(tmp_path / 'none.pth')], 'not found'),
+        'corrupt checkpoint': (['--checkpoint', str(junk)], 'cannot read'),
     }
 
 
