@@ -1,11 +1,13 @@
 # make train: set up .venv (pinned) and run the embedded demo (HVT on scikit-learn digits).
 # make test:  set up .venv and run the whole test suite.
 # make study: set up .venv and run study.py's embedded demo (every token-reduction method on a ViT trained on digits).
+# make visualize: set up .venv and draw what each method keeps, merges or clusters on the demo ViT
+#                 (outputs/visualize/tokens.png).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test study setup clean
+.PHONY: train test study visualize setup clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +21,9 @@ train: setup
 
 study: setup
 	$(PY) study.py
+
+visualize: setup
+	$(PY) visualize.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -200,6 +200,9 @@ class ACT(TokenReduction):
         k_projections = (e2lsh_projections(head_dim, self.k_hashes, state.generator, x.device)
                          if self.group_k else None)
         out, clusters = act_attention(q, k, v, attn.scale, q_projections, k_projections, attn.attend)
+        if state.recording:  # the query clusters act_attention formed (same projections), patches only
+            labels = cluster_identical_codes(e2lsh_codes(q * attn.scale, *q_projections).flatten(0, 1))[0]
+            state.record(clusters=labels.view(q.shape[0], q.shape[1], -1)[..., 1:])
         counts = clusters.tolist()
         state.prototypes[state.index] = max(counts)
         state.mean_clusters[state.index] = sum(counts) / len(counts)

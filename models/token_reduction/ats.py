@@ -183,6 +183,8 @@ class ATS(TokenReduction):
             return x
         index, real = state.sampled
         state.sampled = None
+        if state.recording:
+            state.record_kept(index, x.shape[1], real)
         x = gather_tokens(x, index) * real.unsqueeze(-1).to(x.dtype)
         state.padding = None if bool(real.all()) else ~real
         state.bias = None if state.padding is None else padding_bias(state.padding)

@@ -105,7 +105,9 @@ def record_states():
         with record_states() as states:
             model(images)
         states[-1].counts()   # e.g. the mean tokens per block of a data-dependent method
-    """
+        states[-1].records    # per block, what the method did to the input patches (TokenState.record)
+
+    Only while recording do the methods compute what ``records`` holds; other forwards skip it."""
     states: list = []
     token = _RECORDING.set(states)
     try:
@@ -148,9 +150,54 @@ class TokenState:
         self.depth = depth
         self.index = 0
         self.progress: Optional[float] = _TRAINING_PROGRESS.get()
+        # while :func:`record_states` records: per block, what the method did to the input patches (see
+        # :meth:`record`); None otherwise, and then no method computes anything for it
+        self.records: Optional[List[Dict[str, torch.Tensor]]] = None
         recording = _RECORDING.get()
         if recording is not None:
             recording.append(self)
+            self.records = [{} for _ in range(depth)]
+
+    @property
+    def recording(self) -> bool:
+        return self.records is not None
+
+    def record(self, **values: torch.Tensor) -> None:
+        """Note what the current block did, per input patch (P = grid rows x cols, raster order); methods call it
+        only when :attr:`recording`. Keys:
+
+        - ``tokens`` (B, P) long: the token (sequence index, class token 0) that stands for each input patch after
+          this block's reduction, -1 where the patch was dropped (EViT, ATS, ToMe's merges, Hourglass's clusters);
+        - ``updated`` (B, P) bool: the patches whose tokens this block's attention and MLP updated (Evo-ViT);
+        - ``clusters`` (B, P) or (B, heads, P) long: each patch's cluster in this block (Hourglass's nearest centre,
+          ACT's query cluster, SMYRF's chunk in the first hash round)."""
+        self.records[self.index].update(values)
+
+    def patch_tokens(self, index: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The ``tokens`` map in force after block ``index`` (default: the current block): (B, P), or None when no
+        block up to it changed the tokens (patch p is still token 1 + p)."""
+        index = self.index if index is None else index
+        for block in reversed(self.records[:index + 1]):
+            if 'tokens' in block:
+                return block['tokens']
+        return None
+
+    def record_moved(self, new_from_old: torch.Tensor) -> None:
+        """Record that the tokens moved: ``new_from_old`` (B, N) is the new index of each current token, -1 if gone."""
+        old = self.patch_tokens()
+        if old is None:
+            patches = self.grid_size[0] * self.grid_size[1]
+            old = torch.arange(1, patches + 1, device=new_from_old.device).expand(new_from_old.shape[0], -1)
+        self.record(tokens=new_from_old.gather(1, old.clamp(min=0)).masked_fill(old < 0, -1))
+
+    def record_kept(self, kept: torch.Tensor, num_tokens: int, real: Optional[torch.Tensor] = None) -> None:
+        """Record that only the tokens ``kept`` (B, K) (indices into the current ``num_tokens``, in their new order)
+        go on; ``real`` (B, K) marks the slots that hold a token (False: padding)."""
+        if real is not None:
+            kept = kept.masked_fill(~real, num_tokens)
+        slots = torch.arange(kept.shape[1], device=kept.device).expand(kept.shape[0], -1)
+        new_from_old = kept.new_full((kept.shape[0], num_tokens + 1), -1).scatter(1, kept, slots)
+        self.record_moved(new_from_old[:, :num_tokens])
 
     def counts(self) -> Optional[Dict[str, Any]]:
         """What a data-dependent method did in this forward, per block: ``{'what': 'tokens' | 'clusters',

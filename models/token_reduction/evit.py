@@ -146,6 +146,9 @@ class EViT(TokenReduction):
         if state.patch_scores is None:
             return x
         keep = kept_patch_count(x.shape[1], state.keep_rate)
+        if state.recording:  # the same top-k as select_tokens: class token, then the kept patches
+            top = state.patch_scores.topk(keep, dim=1, largest=True, sorted=True).indices
+            state.record_kept(torch.cat([top.new_zeros(top.shape[0], 1), top + 1], dim=1), x.shape[1])
         x = select_tokens(x, state.patch_scores, keep, self.fuse)
         state.patch_scores = None
         return x

@@ -95,6 +95,8 @@ class EvoViT(TokenReduction):
             return x
         state.kept = top_patch_tokens(state.score, keep)
         state.full = x
+        if state.recording:
+            state.record(updated=torch.zeros_like(state.score, dtype=torch.bool).scatter(1, state.kept, True))
         return gather_tokens(x, with_class_token(state.kept))
 
     def attention(self, attn, x, state):

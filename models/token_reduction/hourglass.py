@@ -77,6 +77,14 @@ def cluster_tokens(tokens: torch.Tensor, grid_size: Tuple[int, int], cluster_gri
     return centres
 
 
+def nearest_centres(tokens: torch.Tensor, centres: torch.Tensor, grid_size: Tuple[int, int],
+                    cluster_grid: Tuple[int, int], window_size: int) -> torch.Tensor:
+    """Each token's nearest centre inside its window, (B, H*W) indices into the h*w centres: the strongest weight of
+    one more soft assignment to the final centres."""
+    mask = window_mask(initial_labels(grid_size, cluster_grid, tokens.device), cluster_grid, window_size)
+    return (pairwise_squared_distances(centres, tokens) + mask).argmin(dim=1)
+
+
 def reconstruction_weights(tokens: torch.Tensor, centres: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
     """(B, L, M) weights that rebuild each of the L tokens from its k nearest of the M centres, both at clustering.
 
@@ -178,6 +186,8 @@ class Hourglass(TokenReduction):
             x = self.cluster(x, state)
         elif state.index == self.reconstruct_location:
             x = self.reconstruct(x, state)
+            if state.recording:  # every patch has its own token again
+                state.record(tokens=torch.arange(1, x.shape[1], device=x.device).expand(x.shape[0], -1))
         return x
 
     def finish(self, x, state):
@@ -192,6 +202,9 @@ class Hourglass(TokenReduction):
             patches = patches.to(torch.promote_types(patches.dtype, torch.float32))  # half -> float32
             centres = cluster_tokens(patches, state.grid_size, self.cluster_grid, self.iters, self.temperature,
                                      self.window_size)
+            if state.recording:
+                nearest = nearest_centres(patches, centres, state.grid_size, self.cluster_grid, self.window_size)
+                state.record(tokens=nearest + 1, clusters=nearest)
             if self.reconstruct_location is not None:
                 state.reconstruct_weights = reconstruction_weights(patches, centres, self.reconstruct_k,
                                                                    self.reconstruct_temperature)

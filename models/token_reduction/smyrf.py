@@ -200,4 +200,9 @@ class Smyrf(TokenReduction):
         out = smyrf_attention(q.reshape(-1, num_tokens, head_dim), k.reshape(-1, num_tokens, head_dim),
                               v.reshape(-1, num_tokens, head_dim), alpha, beta, self.q_cluster_size,
                               self.k_cluster_size, attn.attn_drop)
+        if state.recording:  # each query's chunk in the first hash round (same projections), patches only
+            order = smyrf_sort_orders(q.reshape(-1, num_tokens, head_dim), k.reshape(-1, num_tokens, head_dim),
+                                      alpha, beta)[0][:, 0]
+            chunk = torch.arange(num_tokens, device=x.device).expand_as(order) // self.q_cluster_size
+            state.record(clusters=torch.empty_like(order).scatter(1, order, chunk).view(batch, heads, -1)[..., 1:])
         return attn.project_out(out.view(batch, heads, num_tokens, head_dim))

@@ -42,6 +42,19 @@ def merge_tokens(x: torch.Tensor, kept_even: torch.Tensor, merged_even: torch.Te
     return torch.cat([kept, odd], dim=1)
 
 
+def merged_positions(kept_even: torch.Tensor, merged_even: torch.Tensor, odd_match: torch.Tensor,
+                     num_tokens: int) -> torch.Tensor:
+    """Where each of the ``num_tokens`` tokens lands in :func:`merge_tokens`' output: (B, num_tokens) indices (a
+    merged even token lands on its odd match). Composed over the blocks, this is ToMe's source tracking."""
+    kept = kept_even.shape[1]
+    slots = torch.arange(num_tokens, device=kept_even.device).expand(kept_even.shape[0], -1)
+    positions = torch.empty_like(slots)
+    positions[:, ::2] = torch.empty_like(positions[:, ::2]).scatter(1, kept_even, slots[:, :kept]) \
+        .scatter(1, merged_even, kept + odd_match)
+    positions[:, 1::2] = kept + slots[:, :num_tokens // 2]
+    return positions
+
+
 def merge_weighted_average(x: torch.Tensor, size: torch.Tensor, r: int, metric: torch.Tensor):
     """Merge r tokens of ``x`` (B, N, C) with sizes ``size`` (B, N, 1): size-weighted average of each merged group,
     sizes summed. Returns the merged (x, size)."""
@@ -110,5 +123,7 @@ class ToMe(TokenReduction):
         if r <= 0:
             return x
         size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        if state.recording:  # the same matching as merge_weighted_average's: where each token goes
+            state.record_moved(merged_positions(*bipartite_soft_matching(state.metric, r), x.shape[1]))
         x, state.size = merge_weighted_average(x, size, r, state.metric)
         return x
