@@ -13,7 +13,7 @@ N is not a multiple of the chunk size a chunk mixes the end of one row (head or 
 Here, when N is not a multiple of the size, each row's last query chunk holds the N mod q_cluster_size top-sorted
 queries and its key chunk the last k_cluster_size sorted keys (overlapping the previous key chunk): every query
 still attends to a full chunk of its own row's keys, and the matmuls are exactly upstream's (N x k_cluster_size per
-round, image and head), so the seed's GFLOPs rows are reproduced. Image x head rows are processed in groups of
+round, image and head), so Expedit-SWAG's published GFLOPs are reproduced. Image x head rows are processed in groups of
 about ``MAX_CHUNK_ELEMENTS`` intermediate elements, so memory stays bounded at any batch; the ops are the same.
 """
 import math
@@ -22,10 +22,15 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .act import e2lsh_projections, make_generator
-from .core import TokenReduction, TokenState, check_block_index, int_param, register_method
+from .core import (TokenReduction, TokenState, check_block_index, choice_param, int_param, register_method,
+                   seed_param)
 
 # elements (rounds x tokens x channels, summed over the intermediates) processed at once; ~0.5 GB in fp32
 MAX_CHUNK_ELEMENTS = 2 ** 27
+MAX_HASHES = 256
+# a chunk of N or more tokens is already dense attention: larger sizes change nothing
+MAX_CLUSTER_SIZE = 65536
+CLUSTER_SIZE_WHY = 'no effect past N tokens: one chunk of N is dense attention'
 
 
 # ------------------------------------------------------------------------------------------------- pure functions
@@ -178,8 +183,12 @@ class SmyrfState(TokenState):
 @register_method
 class Smyrf(TokenReduction):
     name = 'smyrf'
-    params = {'location': int_param(0), 'n_hashes': int_param(1, 32), 'q_cluster_size': int_param(1, 64),
-              'k_cluster_size': int_param(1, 64), 'seed': int_param(0, None, allow_none=True)}
+    params = {'location': int_param(0),
+              'n_hashes': int_param(1, 32, high=MAX_HASHES, why='memory: every round holds N x k_cluster_size '
+                                                              'logits per image and head; upstream uses 32'),
+              'q_cluster_size': int_param(1, 64, high=MAX_CLUSTER_SIZE, why=CLUSTER_SIZE_WHY),
+              'k_cluster_size': int_param(1, 64, high=MAX_CLUSTER_SIZE, why=CLUSTER_SIZE_WHY),
+              'variant': choice_param(('original', 'expedit-swag'), 'original'), 'seed': seed_param()}
     main_param = 'location'
 
     def check(self, depth, grid_size):
