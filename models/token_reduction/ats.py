@@ -189,10 +189,9 @@ def upstream_compact(out: torch.Tensor, kept: torch.Tensor, policy: torch.Tensor
     size = int(policy.sum(1).max())
     target = (sampler[:, 0] * size + sampler[:, 1]).unsqueeze(-1).expand(-1, channels)
     source = (sampler[:, 0] * num_tokens + sampler[:, 1]).unsqueeze(-1).expand(-1, channels)
-    zeros = torch.zeros(batch * size, channels, dtype=out.dtype, device=out.device)
-    out = zeros.scatter_add(0, target, out.reshape(-1, channels).gather(0, source))
-    kept = zeros.scatter_add(0, target, kept.reshape(-1, channels).gather(0, source))
-    policy = zeros[:, 0].scatter_add(0, target[:, 0], torch.ones_like(target[:, 0], dtype=zeros.dtype))
+    out = out.new_zeros(batch * size, channels).scatter_add(0, target, out.reshape(-1, channels).gather(0, source))
+    kept = kept.new_zeros(batch * size, channels).scatter_add(0, target, kept.reshape(-1, channels).gather(0, source))
+    policy = policy.new_zeros(batch * size).scatter_add(0, target[:, 0], policy.new_ones(target.shape[0]))
     return out.view(batch, size, channels), kept.view(batch, size, channels), policy.view(batch, size, 1)
 
 

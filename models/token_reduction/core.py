@@ -44,8 +44,8 @@ def int_param(low: Optional[int] = None, default=REQUIRED, allow_none: bool = Fa
         if not is_int(value) or (low is not None and value < low):
             _fail(method, name, f'an integer >= {low}' if low is not None else 'an integer', value)
         if high is not None and value > high:
-            raise ValueError(f"token_reduction {method}: '{name}' must be at most {high}{' (' + why + ')' if why else ''}"
-                             f", got {value!r}")
+            reason = f' ({why})' if why else ''
+            raise ValueError(f"token_reduction {method}: '{name}' must be at most {high}{reason}, got {value!r}")
     return Param(default, check)
 
 

@@ -8,8 +8,9 @@ Blocks ``location``..last replace dense attention, per image and head, by:
    ``k_cluster_size``; query chunk i attends (dense softmax, scaled by 1/sqrt(head_dim)) to key chunk i only;
 4. the rounds' outputs are un-sorted and averaged with weights softmax over rounds of each round's log-sum-exp.
 
-Chunks never straddle two images or heads (variant ``original``). Upstream cuts the flattened (round, image·head, token) sequence, so when
-N is not a multiple of the chunk size a chunk mixes the end of one row (head or image) with the start of the next.
+Chunks never straddle two images or heads (variant ``original``). Upstream cuts the flattened (round, image·head,
+token) sequence, so when N is not a multiple of the chunk size a chunk mixes the end of one row (head or image) with
+the start of the next.
 Here, when N is not a multiple of the size, each row's last query chunk holds the N mod q_cluster_size top-sorted
 queries and its key chunk the last k_cluster_size sorted keys (overlapping the previous key chunk): every query
 still attends to a full chunk of its own row's keys, and the matmuls are exactly upstream's (N x k_cluster_size per
