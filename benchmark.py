@@ -232,9 +232,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError as e:
-        print(f'error: out of memory at batch {args.batch_size} ({str(e).splitlines()[0]}); lower --batch-size',
-              file=sys.stderr)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not options.is_out_of_memory(e):
+            raise
+        message = options.out_of_memory_message(e, args.batch_size, getattr(args, 'token_reduction', 'unknown'))
+        print(f'error: {message}', file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(results if args.all else results[0], indent=1))

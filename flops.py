@@ -389,6 +389,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    args = None
     try:
         args = get_parser().parse_args(argv)
         if args.convention is not None and args.convention not in counting.CONVENTIONS:
@@ -421,6 +422,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UncountedOpError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not options.is_out_of_memory(e):
+            raise
+        print(f"error: {options.out_of_memory_message(e, 1, getattr(args, 'token_reduction', 'unknown'))}",
+              file=sys.stderr)
+        return 2
     if args.json:
         print(to_json(rows, single=not args.all))
     elif args.csv:

@@ -37,6 +37,14 @@ def main(argv=None) -> int:
         if utils.is_main_process():
             print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not options.is_out_of_memory(e):
+            raise
+        if utils.is_main_process():
+            message = options.out_of_memory_message(e, getattr(args, 'batch_size', '?'),
+                                                    getattr(args, 'token_reduction', 'unknown'))
+            print(f'error: {message}', file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         if utils.is_main_process():
             hint = utils.resume_hint(args.output_dir if args else '')

@@ -277,8 +277,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if utils.is_main_process():
             print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
-    except torch.OutOfMemoryError as e:
-        print(f'error: out of memory ({str(e).splitlines()[0]}); lower --batch-size', file=sys.stderr)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not options.is_out_of_memory(e):
+            raise
+        batch_size = getattr(get_parser().parse_known_args(argv)[0], 'batch_size', None) or 'default'
+        print(f'error: {options.out_of_memory_message(e, batch_size)}', file=sys.stderr)
         return 2
     finally:
         utils.cleanup_distributed()

@@ -11,6 +11,7 @@ import json
 import os
 from typing import List, Optional
 
+import torch
 from timm.data import resolve_data_config
 
 import models
@@ -218,7 +219,10 @@ def load_json_config(path: str) -> dict:
         raise UserError(f"config file '{path}' not found")
     try:
         with open(path, encoding='utf-8') as f:
-            config = json.load(f, object_pairs_hook=lambda pairs: _no_duplicates(pairs, path))
+            config = json.load(f, object_pairs_hook=lambda pairs: _no_duplicates(pairs, f"config file '{path}'"))
+    except RecursionError:
+        raise UserError(f"config file '{path}' nests its JSON too deeply to read; a config is a flat JSON object") \
+            from None
     except UnicodeDecodeError as e:
         raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}); a config is a JSON file") from None
     except json.JSONDecodeError as e:
@@ -232,13 +236,23 @@ def load_json_config(path: str) -> dict:
 def parse_token_reduction(text: str) -> Optional[dict]:
     """The value of ``--token-reduction``: a JSON object (method and parameters) or ``null`` (the plain model)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, 'the JSON object'))
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError('nests its JSON too deeply to read; give one object such as '
+                                         '\'{"method": "tome", "r": 8}\'') from None
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f'not valid JSON ({e.msg} at column {e.colno}): {text!r}') from None
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e.msg} at column {e.colno}): {_clip(text)!r}') from None
     if value is not None and not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f'must be a JSON object such as \'{{"method": "tome", "r": 8}}\' or null, '
-                                         f'got {text!r}')
+                                         f'got {_clip(text)!r}')
     return value
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` for an error line: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + '...'
 
 
 def _resolve_data_config(args) -> None:
@@ -261,12 +275,12 @@ def _resolve_data_config(args) -> None:
     args.mean, args.std = [float(v) for v in resolved['mean']], [float(v) for v in resolved['std']]
 
 
-def _no_duplicates(pairs, path: str) -> dict:
+def _no_duplicates(pairs, source: str) -> dict:
     """``json.load`` hook: a key given twice is an error (JSON itself would silently keep the last one)."""
     out = {}
     for key, value in pairs:
         if key in out:
-            raise UserError(f"config file '{path}' has key '{key}' twice; keep one")
+            raise UserError(f"{source} has key '{key}' twice; keep one")
         out[key] = value
     return out
 
@@ -427,3 +441,24 @@ def resolved_config(args) -> dict:
     out = {k: v for k, v in vars(args).items() if k not in skip}
     out.update(args.model_kwargs)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- out of memory
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device or host allocation failure: ``torch.OutOfMemoryError`` (CUDA, MPS), or CPU's RuntimeError from the
+    default allocator ("DefaultCPUAllocator: not enough memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ('not enough memory' in text or 'DefaultCPUAllocator' in text)
+
+
+def out_of_memory_message(error: BaseException, batch_size, token_reduction='unknown') -> str:
+    """One line naming the setting and the batch size that ran out of memory (``token_reduction`` 'unknown': not
+    known to the caller; None: the plain model)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    setting = ('' if token_reduction == 'unknown' else
+               ', plain model' if token_reduction is None else f', token_reduction {json.dumps(token_reduction)}')
+    return (f'out of memory at batch size {batch_size}{setting} ({_clip(first, 160)}); lower --batch-size, or the '
+            f'setting\'s hash rounds, cluster sizes or iterations')

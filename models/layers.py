@@ -89,14 +89,20 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, state=None) -> torch.Tensor:
         """``state`` (a ``models.token_reduction.TokenState``, made afresh for each forward) carries a token-reduction
-        method whose four hooks run here: before the block, inside attention (on the normed tokens, with this
-        block's ``attn`` module), after the attention residual, after the block. Without it: the plain block."""
+        method whose hooks run here: before the block, the attention branch with its residual (by default the
+        ``attention`` hook on the normed tokens, with this block's ``attn`` module), after the attention residual,
+        after the block. Without it: the plain block.
+        The methods change which tokens attend, so an ``attn_bias`` (e.g. a relative position bias over a fixed
+        grid) cannot follow them: a block given both refuses in one line."""
+        if state is not None and attn_bias is not None:
+            raise ValueError(f'token_reduction: {type(self).__name__} passes an attention bias (such as a relative '
+                             f'position bias), which the token-reduction methods cannot carry; use a plain ViT')
         if state is None:
             x = x + self.drop_path(self.attn(self.norm1(x), attn_bias=attn_bias))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         hooks = state.method
         x = hooks.before_block(self, x, state)
-        x = x + self.drop_path(hooks.attention(self.attn, self.norm1(x), state))
+        x = hooks.attention_residual(self, x, state)
         x = hooks.after_attention(self, x, state)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return hooks.after_block(self, x, state)

@@ -18,11 +18,15 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .core import TokenReduction, TokenState, bool_param, check_block_index, int_param, register_method
+from .core import (TokenReduction, TokenState, bool_param, check_block_index, int_param, register_method,
+                   seed_param)
 
 BUCKET_WIDTH = 8.0
 FLOAT_EXACT = 2 ** 24   # integers below this are exact in fp32
 INT64_SAFE = 2 ** 62
+# hash rounds: each round adds a code per token, image and head
+MAX_HASHES = 256
+HASHES_WHY = 'memory: every round holds a code per token, image and head; upstream uses 16 to 32'
 
 
 # ------------------------------------------------------------------------------------------------- pure functions
@@ -171,9 +175,9 @@ class ACTState(TokenState):
 @register_method
 class ACT(TokenReduction):
     name = 'act'
-    params = {'q_hashes': int_param(1, 32), 'k_hashes': int_param(1, 32), 'group_k': bool_param(False),
-              'start': int_param(0, 0), 'end': int_param(0, None, allow_none=True),
-              'seed': int_param(0, None, allow_none=True)}
+    params = {'q_hashes': int_param(1, 32, high=MAX_HASHES, why=HASHES_WHY),
+              'k_hashes': int_param(1, 32, high=MAX_HASHES, why=HASHES_WHY), 'group_k': bool_param(False),
+              'start': int_param(0, 0), 'end': int_param(0, None, allow_none=True), 'seed': seed_param()}
     main_param = 'q_hashes'
     data_dependent = True
 

@@ -18,15 +18,26 @@ Upstream differences (bugs fixed): the SWAG port adds the attention output to th
 (``raw_x`` is the ``ln_1`` output) instead of the residual stream; later blocks attend to the padded slots; a budget
 below N crashes (the sampler draws N0 - 1 heights but gathers ``num_tokens`` - 1 rows); values below 8 are silently
 raised to 8 (here ``num_tokens`` is taken as given, at least 2); the attention softmax adds eps / N to every weight.
+
+``variant: "expedit-swag"`` runs Expedit-SWAG's ``models/ops/ats.py`` as it is, bugs included (what its published
+ATS rows measured): the residual of the ATS block is the layer-normed tokens; the attention map is the whole N x N
+one, softmax(with the policy mask) + eps / N over (sum + eps), eps = 1e-6; q, k and v are multiplied by the policy;
+the heights are N0 - 1 (N0 = the model's input tokens) and the picks the dense nearest-CDF argmin; padded slots
+(duplicates, and batch compaction) are zeroed in the ATS block only and attended to by every later block; a budget
+is raised to 8, and one below the tokens N reaching the block is refused (upstream crashes there).
 """
 from typing import Optional, Tuple
 
 import torch
 
-from .core import (TokenReduction, TokenState, _fail, bool_param, check_block_index, class_attention,
+import torch.nn.functional as F
+
+from .core import (TokenReduction, TokenState, _fail, bool_param, check_block_index, choice_param, class_attention,
                    gather_tokens, int_param, is_int, Param, REQUIRED, register_method)
 
 NO_NONZERO_CDF = 1e8  # upstream's stand-in when the normalised CDF has no non-zero value (a single patch token)
+UPSTREAM_EPS = 1e-6   # Expedit-SWAG's softmax_with_policy eps
+UPSTREAM_MIN_BUDGET = 8  # Expedit-SWAG raises smaller budgets to 8
 
 
 def padding_bias(padding: torch.Tensor) -> torch.Tensor:
@@ -109,6 +120,81 @@ def adaptive_sample(score: torch.Tensor, patch_real: Optional[torch.Tensor], num
     return index, (slot == 0) | (slot <= count.unsqueeze(1))
 
 
+# ----------------------------------------------------------------- Expedit-SWAG's ATS block, as it runs (variant)
+
+def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = UPSTREAM_EPS) -> torch.Tensor:
+    """Expedit-SWAG's masked softmax: logits (B, heads, N, N), policy (B, N, 1) with 1 = real token -> weights
+    (exp(l - max) x mask + eps / N) / (sum + eps), the mask keeping real keys and each query's own key."""
+    batch, _, num_tokens, _ = logits.shape
+    mask = policy.reshape(batch, 1, 1, num_tokens)
+    eye = torch.eye(num_tokens, dtype=mask.dtype, device=mask.device).view(1, 1, num_tokens, num_tokens)
+    mask = mask + (1.0 - mask) * eye
+    peak = torch.max(logits, dim=-1, keepdim=True)[0]
+    weights = (logits - peak).to(torch.float32).exp_() * mask.to(torch.float32)
+    weights = (weights + eps / num_tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
+    return weights.type_as(peak)
+
+
+def upstream_heights(cdf: torch.Tensor, reference_tokens: int) -> torch.Tensor:
+    """``create_ys``: reference_tokens - 1 heights from the smallest non-zero CDF value to 1, (B, reference_tokens - 1),
+    computed with upstream's float ops."""
+    batch, draws = cdf.shape[0], reference_tokens - 1
+    heights = torch.linspace(0, 1.0, steps=draws, device=cdf.device).unsqueeze(0).repeat(batch, 1)
+    start = torch.min(cdf + (cdf == 0).float() * NO_NONZERO_CDF, dim=1)[0].unsqueeze(-1).expand_as(heights)
+    steps = torch.arange(0, draws, dtype=heights.dtype, device=cdf.device).unsqueeze(0).expand_as(start)
+    return start + (((heights * (draws - 1)) - start * steps) / (draws - 1))
+
+
+def upstream_unique(picks: torch.Tensor, pad_value: int) -> torch.Tensor:
+    """``get_unique_indices``: sorted picks with every repeat but the last of a run set to ``pad_value``, sorted
+    again (so the unique picks come first, ascending); the last pick is compared with 1, as upstream pads it."""
+    ordered = torch.sort(picks, dim=1)[0]
+    following = F.pad(ordered[:, 1:], (0, 1), value=1)
+    unique = torch.where((following - ordered) == 0, pad_value * torch.ones_like(picks), ordered)
+    return torch.sort(unique, dim=1)[0]
+
+
+def upstream_sample(weights: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, reference_tokens: int):
+    """Expedit-SWAG's score assignment and inverse transform sampling on the whole attention map.
+
+    weights (B, heads, N, N), v (B, heads, N, head_dim), tokens (B, N, C): the ATS block's normed tokens. Returns
+    (rows, kept_tokens, policy): the attention rows (B, heads, N, N) and tokens (B, N, C) of the class token, then the
+    unique picks by ascending significance, then zero rows; policy (B, N, 1), 1 for the real rows."""
+    batch, heads, num_tokens, _ = weights.shape
+    channels = tokens.shape[-1]
+    value_norm = torch.linalg.norm(v.transpose(1, 2).reshape(batch, num_tokens, -1), ord=2, dim=2)
+    score = (weights[:, :, 0].sum(dim=1) * value_norm)[:, 1:]
+    score = score / score.sum(dim=1, keepdim=True)
+    sorted_scores, order = torch.sort(score, descending=False, dim=1)
+    cdf = torch.cumsum(sorted_scores, dim=1)
+    low = cdf.min(dim=1)[0].unsqueeze(dim=1)
+    cdf = (cdf - low) / ((cdf.max(dim=1)[0].unsqueeze(dim=1) - low) / 1.0)
+    heights = upstream_heights(cdf, reference_tokens).unsqueeze(dim=2)
+    offset = heights.shape[1] - (num_tokens - 1)  # a later ATS block: the CDF is left-padded to the first's length
+    picks = torch.min(torch.abs(heights - F.pad(cdf.unsqueeze(dim=1), (offset, 0))), dim=2)[1] - offset
+    unique = upstream_unique(picks, num_tokens - 1)[:, :num_tokens - 1]
+    rows = weights[:, :, 1:].gather(2, order[:, None, :, None].expand(-1, heads, -1, num_tokens))
+    rows = F.pad(rows, (0, 0, 0, 1), value=0.0).gather(2, unique[:, None, :, None].expand(-1, heads, -1, num_tokens))
+    kept = F.pad(gather_tokens(tokens[:, 1:], order), (0, 0, 0, 1), value=0.0)
+    kept = kept.gather(1, unique.unsqueeze(2).expand(-1, -1, channels))
+    policy = F.pad((unique != num_tokens - 1).unsqueeze(-1).to(tokens.dtype), (0, 0, 1, 0), value=1.0)
+    return torch.cat([weights[:, :, :1], rows], dim=2), torch.cat([tokens[:, :1], kept], dim=1), policy
+
+
+def upstream_compact(out: torch.Tensor, kept: torch.Tensor, policy: torch.Tensor):
+    """Upstream's ``drop_tokens`` compaction: every image's real rows (out (B, N, C), kept (B, N, C), policy
+    (B, N, 1)) scattered into the batch's largest real count M, zero-padded: (B, M, C), (B, M, C), (B, M, 1)."""
+    batch, num_tokens, channels = out.shape
+    sampler = torch.nonzero(policy)
+    size = int(policy.sum(1).max())
+    target = (sampler[:, 0] * size + sampler[:, 1]).unsqueeze(-1).expand(-1, channels)
+    source = (sampler[:, 0] * num_tokens + sampler[:, 1]).unsqueeze(-1).expand(-1, channels)
+    out = out.new_zeros(batch * size, channels).scatter_add(0, target, out.reshape(-1, channels).gather(0, source))
+    kept = kept.new_zeros(batch * size, channels).scatter_add(0, target, kept.reshape(-1, channels).gather(0, source))
+    policy = policy.new_zeros(batch * size).scatter_add(0, target[:, 0], policy.new_ones(target.shape[0]))
+    return out.view(batch, size, channels), kept.view(batch, size, channels), policy.view(batch, size, 1)
+
+
 def _locations_param() -> Param:
     def check(method, name, value):
         if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) for v in value):
@@ -126,6 +212,8 @@ class ATSState(TokenState):
         self.sampled = None      # (index, real) of the current ATS block, between attention and the residual
         self.tokens_in = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
         self.kept_tokens = []    # per block, (B, 2): real tokens (class included) seen by its attention and its MLP
+        self.reference_tokens = num_tokens  # the model's input tokens N0 (variant expedit-swag draws N0 - 1 heights)
+        self.policy = None       # variant expedit-swag: upstream's (B, N, 1) policy of the last ATS block, or None
 
     def counts(self):
         """Tokens (class included) each block's attention saw, mean over the batch's images."""
@@ -140,13 +228,23 @@ class ATSState(TokenState):
 @register_method
 class ATS(TokenReduction):
     name = 'ats'
-    params = {'locations': _locations_param(), 'num_tokens': int_param(2), 'drop_tokens': bool_param(True)}
+    params = {'locations': _locations_param(), 'num_tokens': int_param(2), 'drop_tokens': bool_param(True),
+              'variant': choice_param(('original', 'expedit-swag'), 'original')}
     main_param = 'num_tokens'
     data_dependent = True
+
+    @property
+    def upstream(self) -> bool:
+        return self.variant == 'expedit-swag'
 
     def check(self, depth, grid_size):
         for index in self.locations:
             check_block_index(self.name, 'locations', index, depth)
+        num_tokens = 1 + grid_size[0] * grid_size[1]
+        if self.upstream and max(self.num_tokens, UPSTREAM_MIN_BUDGET) < num_tokens:
+            raise ValueError(f"token_reduction ats: 'num_tokens' {self.num_tokens} is below the {num_tokens} tokens of "
+                             f"the model; variant 'expedit-swag' takes a budget >= N only (Expedit-SWAG's sampler "
+                             f"crashes below it), e.g. {num_tokens}, or use variant 'original'")
 
     def schedule(self, num_tokens, grid_size, depth):
         pairs = []
@@ -162,6 +260,33 @@ class ATS(TokenReduction):
     def before_block(self, block, x, state):
         state.tokens_in = state.real_tokens(x.shape[1], x.shape[0], x.device)
         return x
+
+    def attention_residual(self, block, x, state):
+        if not (self.upstream and state.index in self.locations):
+            return super().attention_residual(block, x, state)
+        return self.upstream_ats_block(block, x, state)
+
+    def upstream_ats_block(self, block, x, state):
+        """Expedit-SWAG's ATS attention and residual: (B, N, C) -> (B, M, C), the normed kept tokens plus their
+        attention output, zeroed at padded slots; M = N without ``drop_tokens``."""
+        attn = block.attn
+        tokens = block.norm1(x)
+        batch, num_tokens, _ = tokens.shape
+        policy = state.policy if state.policy is not None else tokens.new_ones(batch, num_tokens, 1)
+        q, k, v = attn.project_qkv(tokens)
+        mask = policy.unsqueeze(1)
+        q, k, v = q * mask, k * mask, v * mask
+        logits = (q / attn.head_dim ** 0.5) @ k.transpose(-2, -1)
+        weights = softmax_with_policy(logits, policy)
+        rows, kept, policy = upstream_sample(weights, v, tokens, state.reference_tokens)
+        out = attn.attn_drop(rows) if attn.training else rows
+        out = (out @ v).transpose(1, 2).reshape(batch, num_tokens, -1)
+        if self.drop_tokens:
+            out, kept, policy = upstream_compact(out, kept, policy)
+        out = attn.proj_drop(attn.proj(out)) * policy
+        state.policy = policy
+        state.padding = None if bool((policy != 0).all()) else policy.squeeze(-1) == 0
+        return (kept + block.drop_path(out)) * policy
 
     def attention(self, attn, x, state):
         q, k, v = attn.project_qkv(x)
@@ -191,7 +316,10 @@ class ATS(TokenReduction):
         return x
 
     def after_block(self, block, x, state):
-        if state.padding is not None:
+        if self.upstream:
+            if state.index in self.locations:
+                x = x * state.policy  # upstream zeroes the padded slots in its ATS blocks only
+        elif state.padding is not None:
             x = x * (~state.padding).unsqueeze(-1).to(x.dtype)  # padded slots stay zero
         tokens_out = state.real_tokens(x.shape[1], x.shape[0], x.device)
         state.kept_tokens.append(torch.stack([state.tokens_in, tokens_out], dim=1))

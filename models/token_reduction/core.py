@@ -4,7 +4,7 @@ A method is a :class:`TokenReduction` subclass registered with :func:`register_m
 validated spec only (plain values, never changed during a forward), so a reduced model stays deep-copyable,
 picklable and re-entrant. Everything a forward accumulates (token sizes, running class attention, clustering
 memory) lives in a :class:`TokenState` made by :meth:`TokenReduction.new_state` at the start of each forward and
-passed to every block. ``models.layers.Block`` calls the four hooks; the defaults below are the plain block.
+passed to every block. ``models.layers.Block`` calls the hooks; the defaults below are the plain block.
 """
 import math
 from contextlib import contextmanager
@@ -35,13 +35,27 @@ class Param:
     check: Callable[[str, str, Any], None]
 
 
-def int_param(low: Optional[int] = None, default=REQUIRED, allow_none: bool = False) -> Param:
+def int_param(low: Optional[int] = None, default=REQUIRED, allow_none: bool = False, high: Optional[int] = None,
+              why: str = '') -> Param:
+    """An integer in [low, high]; ``why`` says what the upper bound protects (named in the error)."""
     def check(method, name, value):
         if value is None and allow_none:
             return
         if not is_int(value) or (low is not None and value < low):
             _fail(method, name, f'an integer >= {low}' if low is not None else 'an integer', value)
+        if high is not None and value > high:
+            reason = f' ({why})' if why else ''
+            raise ValueError(f"token_reduction {method}: '{name}' must be at most {high}{reason}, got {value!r}")
     return Param(default, check)
+
+
+# torch.Generator.manual_seed takes seeds in [0, 2**64 - 1] (larger ones raise OverflowError mid-forward)
+MAX_SEED = 2 ** 64 - 1
+
+
+def seed_param() -> Param:
+    """An optional generator seed: null (the global RNG) or an integer in the generator's range."""
+    return int_param(0, None, allow_none=True, high=MAX_SEED, why="the random generator's seed range, 2**64 - 1")
 
 
 def float_param(low: float, high: float, low_open: bool = False, default=REQUIRED) -> Param:
@@ -258,6 +272,11 @@ class TokenReduction:
         """The attention branch on the normed tokens ``x`` (B, N, C), with the block's own ``attn`` module."""
         return attn(x)
 
+    def attention_residual(self, block, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The attention branch with its residual add, ``x + DropPath(attention(LN(x)))``; a method that changes the
+        residual itself (ATS's ``expedit-swag`` variant) overrides this instead of :meth:`attention`."""
+        return x + block.drop_path(self.attention(block.attn, block.norm1(x), state))
+
     def after_attention(self, block, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         return x
 
@@ -281,6 +300,8 @@ def build_method(spec: dict, depth: int, grid_size: Tuple[int, int], num_prefix_
     """Check a spec against the method's parameters and the model (depth, patch grid); return the method."""
     if not isinstance(spec, dict):
         raise ValueError(f'token_reduction must be a JSON object with a "method" key, got {spec!r}')
+    if 'method' not in spec:
+        raise ValueError(f"token_reduction: 'method' is required; methods: {', '.join(sorted(METHODS))}")
     name = spec.get('method')
     if name not in METHODS:
         raise ValueError(f"token_reduction: unknown method {name!r}; methods: {', '.join(sorted(METHODS))}")

@@ -1,5 +1,5 @@
 """Hourglass ViT (Liang et al., "Expediting Large-Scale Vision Transformer for Dense Prediction without Fine-tuning",
-NeurIPS 2022), as Expedit-SWAG runs it: the paper's own method in seed 003's tables.
+NeurIPS 2022), as Expedit-SWAG runs it: the paper's own method in Expedit-SWAG's tables.
 
 Before block ``location`` the patch tokens are clustered into h*w centres by a few iterations of local soft k-means
 (the token clustering layer): centres start as the adaptive average pool of the token map, each token may only join
@@ -26,6 +26,7 @@ from .core import (REQUIRED, Param, TokenReduction, TokenState, _fail, check_blo
                    positive_float_param, register_method, square_side)
 
 OUTSIDE_WINDOW = 1e16  # added to the distance of a (centre, token) pair outside the local window, as upstream
+MAX_ITERS = 100      # clustering iterations (upstream: 5)
 
 
 # --------------------------------------------------------------------------------------------- the algorithm
@@ -134,7 +135,9 @@ class Hourglass(TokenReduction):
     params = {
         'location': int_param(0),
         'num_clusters': _num_clusters_param(),
-        'iters': int_param(1, default=5),
+        'iters': int_param(1, default=5, high=MAX_ITERS, why='each iteration is a pass over the token x centre '
+                                                             'distances; the soft k-means has settled long before '
+                                                             '(upstream uses 5)'),
         'temperature': positive_float_param(1.0),
         'window_size': _window_size_param(5),
         'reconstruct_location': int_param(0, default=None, allow_none=True),

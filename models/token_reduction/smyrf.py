@@ -8,13 +8,17 @@ Blocks ``location``..last replace dense attention, per image and head, by:
    ``k_cluster_size``; query chunk i attends (dense softmax, scaled by 1/sqrt(head_dim)) to key chunk i only;
 4. the rounds' outputs are un-sorted and averaged with weights softmax over rounds of each round's log-sum-exp.
 
-Chunks never straddle two images or heads. Upstream cuts the flattened (round, image·head, token) sequence, so when
-N is not a multiple of the chunk size a chunk mixes the end of one row (head or image) with the start of the next.
+Chunks never straddle two images or heads (variant ``original``). Upstream cuts the flattened (round, image·head,
+token) sequence, so when N is not a multiple of the chunk size a chunk mixes the end of one row (head or image) with
+the start of the next.
 Here, when N is not a multiple of the size, each row's last query chunk holds the N mod q_cluster_size top-sorted
 queries and its key chunk the last k_cluster_size sorted keys (overlapping the previous key chunk): every query
 still attends to a full chunk of its own row's keys, and the matmuls are exactly upstream's (N x k_cluster_size per
-round, image and head), so the seed's GFLOPs rows are reproduced. Image x head rows are processed in groups of
+round, image and head), so Expedit-SWAG's published GFLOPs are reproduced. Image x head rows are processed in groups of
 about ``MAX_CHUNK_ELEMENTS`` intermediate elements, so memory stays bounded at any batch; the ops are the same.
+``variant: "expedit-swag"`` cuts the flattened sequence as upstream does (:func:`upstream_smyrf_attention`): the
+same output as Expedit-SWAG's code under the same projections; it needs equal cluster sizes dividing
+rounds x images x heads x N, as upstream.
 """
 import math
 from typing import Callable, List, Optional, Tuple
@@ -22,10 +26,15 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .act import e2lsh_projections, make_generator
-from .core import TokenReduction, TokenState, check_block_index, int_param, register_method
+from .core import (TokenReduction, TokenState, check_block_index, choice_param, int_param, register_method,
+                   seed_param)
 
 # elements (rounds x tokens x channels, summed over the intermediates) processed at once; ~0.5 GB in fp32
 MAX_CHUNK_ELEMENTS = 2 ** 27
+MAX_HASHES = 256
+# a chunk of N or more tokens is already dense attention: larger sizes change nothing
+MAX_CLUSTER_SIZE = 65536
+CLUSTER_SIZE_WHY = 'no effect past N tokens: one chunk of N is dense attention'
 
 
 # ------------------------------------------------------------------------------------------------- pure functions
@@ -161,6 +170,53 @@ def smyrf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 
+def upstream_smyrf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                             beta: torch.Tensor, cluster_size: int, dropout: Optional[Callable] = None,
+                             max_elements: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Expedit-SWAG's SMYRF attention (variant ``expedit-swag``): q, k, v (rows, N, d) -> (rows, N, d).
+
+    The sorted positions of every round and row are flattened in (round, row, token) order and cut into consecutive
+    chunks of ``cluster_size``, so a chunk may straddle two rows (heads or images) or two rounds when N is not a
+    multiple of it; logits are divided by sqrt(d), normalised with their log-sum-exp, and the rounds combined by
+    softmax over rounds of the log-sum-exps, as upstream. Chunks are processed in groups of about ``max_elements``
+    logits (the result does not depend on the grouping)."""
+    rows, num_tokens, dim = q.shape
+    rounds = alpha.shape[1]
+    total = rounds * rows * num_tokens
+    if total % cluster_size:
+        raise ValueError(f"token_reduction smyrf: variant 'expedit-swag' cuts the {rounds} rounds x {rows} image-heads "
+                         f"x {num_tokens} tokens into chunks of {cluster_size}, which do not divide {total} "
+                         f"(upstream fails there); use a cluster size dividing it, or variant 'original'")
+    q_order, k_order = smyrf_sort_orders(q, k, alpha, beta)                       # (rows, rounds, N)
+    # indices into the rows' flattened tokens, in (round, row, sorted token) order
+    q_index = flat_index(q_order, num_tokens).view(rows, rounds, num_tokens).transpose(0, 1).reshape(-1)
+    k_index = flat_index(k_order, num_tokens).view(rows, rounds, num_tokens).transpose(0, 1).reshape(-1)
+    q_flat, k_flat, v_flat = (t.reshape(rows * num_tokens, dim) for t in (q, k, v))
+    chunks = total // cluster_size
+    group = max(1, max_elements // (cluster_size * (cluster_size + 2 * dim)))
+    outputs, log_norms = [], []
+    for start in range(0, chunks, group):
+        part = slice(start * cluster_size, min(chunks, start + group) * cluster_size)
+        queries = q_flat.index_select(0, q_index[part]).view(-1, cluster_size, dim)
+        keys = k_flat.index_select(0, k_index[part]).view(-1, cluster_size, dim)
+        values = v_flat.index_select(0, k_index[part]).view(-1, cluster_size, dim)
+        logits = queries @ keys.transpose(2, 1) / math.sqrt(dim)
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        weights = torch.exp(logits - log_norm)
+        if dropout is not None:
+            weights = dropout(weights)
+        outputs.append((weights @ values).reshape(-1, dim))
+        log_norms.append(log_norm.reshape(-1))
+    sorted_out = torch.cat(outputs).view(rounds, rows * num_tokens, dim)
+    sorted_log_norm = torch.cat(log_norms).view(rounds, rows * num_tokens)
+    # undo the sort: the position of each (row, token) within its round
+    unsort = q_index.view(rounds, rows * num_tokens).argsort(dim=1)
+    out = sorted_out.gather(1, unsort.unsqueeze(-1).expand(-1, -1, dim))
+    log_norm = sorted_log_norm.gather(1, unsort)
+    probs = torch.exp(log_norm - torch.logsumexp(log_norm, dim=0, keepdim=True))
+    return torch.sum(out * probs.unsqueeze(-1), dim=0).view(rows, num_tokens, dim)
+
+
 def chunk_count_error(num_tokens: int, q_cluster_size: int, k_cluster_size: int) -> str:
     return (f"token_reduction smyrf: 'q_cluster_size' {q_cluster_size} and 'k_cluster_size' {k_cluster_size} cut "
             f"{num_tokens} tokens into {num_chunks(num_tokens, q_cluster_size)} query and "
@@ -178,12 +234,20 @@ class SmyrfState(TokenState):
 @register_method
 class Smyrf(TokenReduction):
     name = 'smyrf'
-    params = {'location': int_param(0), 'n_hashes': int_param(1, 32), 'q_cluster_size': int_param(1, 64),
-              'k_cluster_size': int_param(1, 64), 'seed': int_param(0, None, allow_none=True)}
+    params = {'location': int_param(0),
+              'n_hashes': int_param(1, 32, high=MAX_HASHES, why='memory: every round holds N x k_cluster_size '
+                                                              'logits per image and head; upstream uses 32'),
+              'q_cluster_size': int_param(1, 64, high=MAX_CLUSTER_SIZE, why=CLUSTER_SIZE_WHY),
+              'k_cluster_size': int_param(1, 64, high=MAX_CLUSTER_SIZE, why=CLUSTER_SIZE_WHY),
+              'variant': choice_param(('original', 'expedit-swag'), 'original'), 'seed': seed_param()}
     main_param = 'location'
 
     def check(self, depth, grid_size):
         check_block_index(self.name, 'location', self.location, depth)
+        if self.variant == 'expedit-swag' and self.q_cluster_size != self.k_cluster_size:
+            raise ValueError(f"token_reduction smyrf: variant 'expedit-swag' needs 'q_cluster_size' "
+                             f"{self.q_cluster_size} == 'k_cluster_size' {self.k_cluster_size} (its flattened query "
+                             f"and key chunks must pair one to one)")
         num_tokens = 1 + grid_size[0] * grid_size[1]
         if num_chunks(num_tokens, self.q_cluster_size) != num_chunks(num_tokens, self.k_cluster_size):
             raise ValueError(chunk_count_error(num_tokens, self.q_cluster_size, self.k_cluster_size))
@@ -197,12 +261,16 @@ class Smyrf(TokenReduction):
         q, k, v = attn.project_qkv(x)
         batch, heads, num_tokens, head_dim = q.shape
         alpha, beta = e2lsh_projections(head_dim + 2, self.n_hashes, state.generator, x.device)
-        out = smyrf_attention(q.reshape(-1, num_tokens, head_dim), k.reshape(-1, num_tokens, head_dim),
-                              v.reshape(-1, num_tokens, head_dim), alpha, beta, self.q_cluster_size,
-                              self.k_cluster_size, attn.attn_drop)
+        q, k, v = (t.reshape(-1, num_tokens, head_dim) for t in (q, k, v))
+        if self.variant == 'expedit-swag':
+            out = upstream_smyrf_attention(q, k, v, alpha, beta, self.q_cluster_size, attn.attn_drop)
+        else:
+            out = smyrf_attention(q, k, v, alpha, beta, self.q_cluster_size, self.k_cluster_size, attn.attn_drop)
         if state.recording:  # each query's chunk in the first hash round (same projections), patches only
-            order = smyrf_sort_orders(q.reshape(-1, num_tokens, head_dim), k.reshape(-1, num_tokens, head_dim),
-                                      alpha, beta)[0][:, 0]
-            chunk = torch.arange(num_tokens, device=x.device).expand_as(order) // self.q_cluster_size
+            order = smyrf_sort_orders(q, k, alpha, beta)[0][:, 0]
+            position = torch.arange(num_tokens, device=x.device).expand_as(order)
+            if self.variant == 'expedit-swag':   # chunks run over the flattened (row, token) order
+                position = position + num_tokens * torch.arange(order.shape[0], device=x.device)[:, None]
+            chunk = position // self.q_cluster_size
             state.record(clusters=torch.empty_like(order).scatter(1, order, chunk).view(batch, heads, -1)[..., 1:])
         return attn.project_out(out.view(batch, heads, num_tokens, head_dim))
