@@ -1,5 +1,4 @@
 """Data sets and samplers."""
-import argparse
 
 import numpy as np
 import pytest

@@ -416,16 +416,15 @@ def test_a_published_model_row_is_counted_by_all(tmp_path, capsys):
 
 
 def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeypatch):
-    """--token-reduction reaches models.create_model, is reported, and selects the published row of that setting.
-    (The reduction itself is stubbed: the plain model is built and the spec recorded.)"""
+    """--token-reduction reaches models.apply_token_reduction, is reported, and selects the published row of that
+    setting. (The reduction itself is stubbed: the plain model is built and the spec recorded.)"""
     specs = []
-    real = models.create_model
 
-    def create_model(name, token_reduction=None, **kw):
-        specs.append(token_reduction)
-        return real(name, **kw)
+    def apply_token_reduction(model, spec):
+        specs.append(spec)
+        return model
 
-    monkeypatch.setattr(models, 'create_model', create_model)
+    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
     spec = {'method': 'tome', 'r': 2}
     data = _data_file(tmp_path, [_model_row(token_reduction=spec, gmacs='0.0274', convention='ptflops'),
                                  _model_row(gmacs='9.9')])
@@ -439,7 +438,7 @@ def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeyp
     assert row['convention'] == 'ptflops' and row['published_gmacs'] == 0.0274   # the row of that setting
     code, out, _ = _run_main(capsys, ['--config', str(cfg), '--published', data, '--json'])
     row = json.loads(out)
-    assert specs[-1] is None and row['token_reduction'] is None
+    assert specs == [spec] and row['token_reduction'] is None     # the plain model: nothing applied
     assert row['convention'] == 'fvcore' and row['published_gmacs'] == 9.9 and row['gmacs_match'] is False
     assert row['macs'] == DEIT_TI_32
     # a config's own token_reduction, and null on the command line overriding it
