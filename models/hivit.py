@@ -1,6 +1,6 @@
 """HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer (Zhang et al., ICLR 2023).
 
-Matches mmpretrain 1.2.0 ``HiViT`` + ``ImageClassifier`` (GAP neck, linear head) (see shared/reference/hivit.md):
+Matches mmpretrain 1.2.0 ``HiViT`` + ``ImageClassifier`` (GAP neck, linear head):
 - a 16x16-pixel **mask unit** is the main-stage token. A conv (kernel = stride = 16 / 4) embeds 4x4 inner patches per
   unit; tensors in the stem are ``(B, N_units, s, s, C_stage)`` with units and inner patches both row-major;
 - stem: per stage ``2 * depths[i]`` MLP-only blocks (``x + DropPath(MLP(LN(x)))``, ratio 3) and a PatchMerge (2x2 inside

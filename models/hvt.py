@@ -1,6 +1,6 @@
 """HVT: Scalable Vision Transformers with Hierarchical Pooling (Pan et al., ICCV 2021).
 
-Matches MonashAI/HVT ``models.py`` (see shared/reference/hvt.md):
+Matches MonashAI/HVT ``models.py``:
 - conv patch embedding, **no class token**, a learnable (1, N0, C) position embedding added once;
 - pre-norm blocks (LayerNorm eps 1e-6, qkv with bias, MLP ratio 4, exact GELU);
 - block ``i`` pools at its end iff ``i % pool_block_width == 0`` (so block 0 always pools): a ``MaxPool1d`` over the
@@ -9,7 +9,8 @@ Matches MonashAI/HVT ``models.py`` (see shared/reference/hvt.md):
 
 Differences from upstream, on purpose: ``pool_stride`` is honoured (upstream hard-codes 2), ``pool_block_width=0``
 means no pooling (HVT-S-0, which upstream cannot express), and the model takes its settings as constructor arguments
-instead of reading global argparse state. With 224 px, patch 16 and kernel 3 the token counts are 196 -> 97 -> 48 -> 23 -> 11.
+instead of reading global argparse state. With 224 px, patch 16 and kernel 3 the token counts are
+196 -> 97 -> 48 -> 23 -> 11.
 """
 import math
 from typing import List

@@ -1,4 +1,5 @@
-"""ACT (token_reduction.md 3.5): E2LSH query clustering, prototype attention, broadcast back.
+"""ACT (Zheng et al., "End-to-End Object Detection with Adaptive Clustering Transformer", BMVC 2021): E2LSH query
+clustering, prototype attention, broadcast back.
 
 The reference below follows the step list per image and head with explicit loops (a dict from code to members), with
 the same seeded projection draws, and must give the model's logits; the clustering is checked against plain grouping

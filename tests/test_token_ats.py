@@ -1,7 +1,7 @@
-"""ATS (models/token_reduction/ats.py) against a per-image reference written from the step list of
-shared/reference/token_reduction.md §3.4: explicit attention maps, dense nearest-CDF picks, Python de-duplication,
-one image at a time (so no padding); the method runs whole batches, padded, and must give every image the same
-result."""
+"""ATS (Fayyaz et al., "Adaptive Token Sampling for Efficient Vision Transformers", ECCV 2022;
+models/token_reduction/ats.py) against a per-image reference written from the paper's steps: explicit attention maps,
+dense nearest-CDF picks, Python de-duplication, one image at a time (so no padding); the method runs whole batches,
+padded, and must give every image the same result."""
 
 import pytest
 import torch

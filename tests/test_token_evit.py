@@ -1,6 +1,6 @@
-"""EViT: equality with a step-by-step reference (token_reduction.md §3.2), the explicit attention path only where
-the score needs the map, closed-form schedules and the published GFLOPs at the SWAG sizes, default locations,
-round trip, errors, dtypes."""
+"""EViT (Liang et al., "Not All Patches are What You Need", ICLR 2022): equality with a step-by-step reference, the
+explicit attention path only where the score needs the map, closed-form schedules and the published GFLOPs at the SWAG
+sizes, default locations, round trip, errors, dtypes."""
 import math
 
 import pytest
@@ -13,7 +13,7 @@ from vit_reference import (attention, embed, expedit_gmacs, head, layer_norm, me
                            tiny_vit)
 
 
-# ------------------------------------------------------------------------------------------ the reference (§3.2)
+# ------------------------------------------------------------------------------------------------ the reference
 
 def evit_reference(model, images, keep_rate, locations, fuse, score):
     """Logits and final tokens of EViT, one image at a time, with explicit attention everywhere."""
@@ -135,10 +135,11 @@ def test_schedule_at_swag_sizes(geometry, keep_rate, fuse, tokens):
 @pytest.mark.parametrize('geometry, keep_rate, fuse, published', [
     (L16, 0.8, False, 264.9), (L16, 0.7, False, 227.1), (L16, 0.5, False, 170.2),
     (H14, 0.7, False, 632.3), (H14, 0.6, False, 544.4), (H14, 0.5, False, 472.0),
-    (L16, 0.8, True, 265.39),                 # fuse on: token_reduction.md §3.2, not a README row
+    (L16, 0.8, True, 265.39),                 # fuse on: EViT's fused token, not a README row
 ])
 def test_schedule_gives_the_published_gflops(geometry, keep_rate, fuse, published):
-    """Seed 003's EViT GFLOPs from our schedule by §4.2's closed form (fuse adds its score-weighting multiply)."""
+    """Expedit-SWAG's EViT GFLOPs from our schedule by its counter's closed form (fuse adds its score-weighting
+    multiply)."""
     img_size, patch_size, width, depth = geometry
     schedule = pairs(token_schedule(meta_vit(*geometry), {'method': 'evit', 'keep_rate': keep_rate, 'fuse': fuse}))
     extra = sum((n - 1 - math.ceil(keep_rate * (n - 1))) * width for n, n_mlp in schedule if n != n_mlp) * fuse

@@ -1,6 +1,6 @@
-"""Evo-ViT (models/token_reduction/evo_vit.py) against a reference written from the step list of
-shared/reference/token_reduction.md §3.3: explicit attention maps, tokens physically re-sorted every block as upstream
-does (the method keeps grid order and gathers the same top-k set)."""
+"""Evo-ViT (Xu et al., "Evo-ViT: Slow-Fast Token Evolution for Dynamic Vision Transformer", AAAI 2022;
+models/token_reduction/evo_vit.py) against a reference written from the paper's steps: explicit attention maps, tokens
+physically re-sorted every block as upstream does (the method keeps grid order and gathers the same top-k set)."""
 
 import pytest
 import torch
@@ -93,7 +93,7 @@ def test_placeholders_pass_through_unchanged():
 
 
 def _expedit_gflops(schedule, width, heads, grid, patch, classes=1000):
-    """seed 003's counter in closed form (shared/reference/token_reduction.md §4.2) over a token schedule; the
+    """Expedit-SWAG's counter in closed form over a token schedule; the
     final norm runs on every token (Evo-ViT keeps the sequence)."""
     tokens = grid * grid + 1
     total = grid * grid * width * 3 * patch * patch + 2 * tokens * width + 4 * tokens * width + classes * (width + 1)
@@ -103,7 +103,7 @@ def _expedit_gflops(schedule, width, heads, grid, patch, classes=1000):
     return total / 1e9
 
 
-# (model dims, location, keep_ratio, published GFLOPs of seed 003; H/14 (14, 0.5) is 713.43 by upstream's own code)
+# (model dims, location, keep_ratio, Expedit-SWAG's published GFLOPs; H/14 (14, 0.5) is 713.43 by upstream's own code)
 PUBLISHED = [((512, 16, 1024, 24), 18, 0.4, 307.0), ((512, 16, 1024, 24), 8, 0.6, 259.1),
              ((512, 16, 1024, 24), 8, 0.4, 210.6), ((518, 14, 1280, 32), 16, 0.6, 799.8),
              ((518, 14, 1280, 32), 14, 0.5, 713.43), ((518, 14, 1280, 32), 14, 0.3, 602.0)]

@@ -1,4 +1,5 @@
-"""Hourglass token clustering / reconstruction against a reference written here from token_reduction.md §2.3-2.4.
+"""Hourglass token clustering / reconstruction (Liang et al., Expedit-SWAG, NeurIPS 2022) against a reference written
+here.
 
 The reference works per image in float64 with explicit bins, cells and windows and the direct squared difference
 ||x - c||^2 (not the expanded form the method uses), so it shares no code with models/token_reduction/hourglass.py.
@@ -261,7 +262,7 @@ def meta_vit(**arch):
     (dict(img_size=518, patch_size=14, embed_dim=1280, depth=32, num_heads=16), 8, 324, 1370, 32),
 ])
 def test_schedule_at_the_swag_sizes(arch, location, clusters, tokens, depth):
-    """Seed 003's rows on ViT-L/16 @512 (32x32 grid) and ViT-H/14 @518 (37x37), built on the meta device."""
+    """Expedit-SWAG's rows on ViT-L/16 @512 (32x32 grid) and ViT-H/14 @518 (37x37), built on the meta device."""
     model = meta_vit(**arch)
     spec = dict(method='hourglass', location=location, num_clusters=clusters)
     schedule = token_schedule(model, spec)

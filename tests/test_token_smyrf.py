@@ -1,4 +1,5 @@
-"""SMYRF (token_reduction.md 3.6): XBOX+ asymmetric LSH, attention inside sorted chunks, rounds by log-sum-exp.
+"""SMYRF (Daras et al., "SMYRF: Efficient Attention using Asymmetric Clustering", NeurIPS 2020): XBOX+ asymmetric LSH,
+attention inside sorted chunks, rounds by log-sum-exp.
 
 The reference loops over images, heads, rounds and chunks with the same seeded projections and must give the model's
 logits, also when N (17) is not a multiple of the cluster sizes; the counted matmuls are upstream's

@@ -1,5 +1,6 @@
-"""ToMe: equality with a step-by-step reference (token_reduction.md §3.1), closed-form schedules at the SWAG sizes,
-the (N - 1) // 2 cap, per-block r, fused vs explicit attention with the log-size bias, round trip, errors, dtypes."""
+"""ToMe (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023): equality with a step-by-step reference,
+closed-form schedules at the SWAG sizes, the (N - 1) // 2 cap, per-block r, fused vs explicit attention with the
+log-size bias, round trip, errors, dtypes."""
 
 import pytest
 import torch
@@ -11,10 +12,10 @@ from vit_reference import (attention, embed, expedit_gmacs, head, layer_norm, me
                            tiny_vit)
 
 
-# ------------------------------------------------------------------------------------------ the reference (§3.1)
+# ------------------------------------------------------------------------------------------------ the reference
 
 def merge_one_image(tokens, size, keys, r):
-    """Bipartite soft matching and size-weighted merging of one image, as listed in token_reduction.md §3.1.
+    """Bipartite soft matching and size-weighted merging of one image, as the ToMe paper lists them.
 
     tokens (N, C), size (N,), keys (heads, N, head_dim) -> merged tokens (N - r, C), their sizes (N - r,)."""
     metric = keys.mean(0)
@@ -129,9 +130,9 @@ def test_schedule_swag_h14_r40():
     ((512, 16, 1024, 24), {10: 317.5, 20: 271.2, 40: 184.3}),
     ((518, 14, 1280, 32), {10: 890.0, 20: 760.0, 40: 516.9})], ids=['L16', 'H14'])
 def test_schedule_gives_the_published_gflops(geometry, published):
-    """Seed 003's ToMe GFLOPs from our schedule by §4.2's closed form, with ToMe's own counted ops: log(size) added
-    to the logits from the second block on, the even·oddᵀ matching matmul, the metric's normalising division and
-    the size weighting (x·size before the merge, ÷size after)."""
+    """Expedit-SWAG's ToMe GFLOPs from our schedule by its counter's closed form, with ToMe's own counted ops:
+    log(size) added to the logits from the second block on, the even·oddᵀ matching matmul, the metric's normalising
+    division and the size weighting (x·size before the merge, ÷size after)."""
     img_size, patch_size, width, depth = geometry
     head_dim = width // 16
     for r, gflops in published.items():

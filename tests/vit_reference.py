@@ -96,9 +96,9 @@ def plain_forward(model, images):
 
 
 def expedit_gmacs(pairs, embed_dim, num_heads, patch_size, img_size, extra=0, num_classes=1000):
-    """Seed 003's "GFLOPs" of a SWAG ViT in closed form (token_reduction.md §4.2) from the (attention tokens, MLP
-    tokens) of each block: MACs with a linear's bias as one more input, plus LayerNorm 4, softmax 5, GELU, adds,
-    scaling and dropout per element; ``extra`` adds a method's own counted ops."""
+    """Expedit-SWAG's "GFLOPs" of a SWAG ViT in closed form (what its tools/flop_count.py counts) from the (attention
+    tokens, MLP tokens) of each block: MACs with a linear's bias as one more input, plus LayerNorm 4, softmax 5, GELU,
+    adds, scaling and dropout per element; ``extra`` adds a method's own counted ops."""
     D, h = embed_dim, num_heads
     total = 0
     for n, n_mlp in pairs:
