@@ -274,10 +274,6 @@ def _fmt_diff(diff: Optional[float]) -> str:
     return '' if diff is None else f'{diff:+.3f}'
 
 
-def _unit(convention: str) -> str:
-    return counting.CONVENTIONS[convention].unit
-
-
 def format_table(rows: List[dict], table) -> str:
     """One line per row; the count column is headed by the conventions' unit (GMACs, or GFLOPs for ``expedit``
     alone, "G" when the two are mixed: each row's convention is in its own column)."""

@@ -12,15 +12,14 @@ means no pooling (HVT-S-0, which upstream cannot express), and the model takes i
 instead of reading global argparse state. With 224 px, patch 16 and kernel 3 the token counts are
 196 -> 97 -> 48 -> 23 -> 11.
 """
-import math
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from .layers import Block, PatchEmbed, init_vit_weights, tokens_after_pool, trunc_normal_
+from .layers import Block, PatchEmbed, init_vit_weights, square_grid_side, tokens_after_pool
 from .registry import register_model
 
 
@@ -132,8 +131,8 @@ class HVT(nn.Module):
 
 def _resize_grid_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
     """(1, old*old, C) -> (1, grid[0]*grid[1], C): 2-D bicubic, antialiased (timm's resampling, no class token)."""
-    old = math.isqrt(pos.shape[1])
-    if old * old != pos.shape[1]:
+    old = square_grid_side(pos.shape[1])
+    if old is None:
         raise ValueError(f'cannot resize a position embedding of {pos.shape[1]} tokens: not a square grid')
     return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[old, old], num_prefix_tokens=0)
 

@@ -38,9 +38,9 @@ from typing import List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
+from timm.layers import to_2tuple, trunc_normal_
 
-from .layers import Block, trunc_normal_
+from .layers import Block
 from .registry import register_model
 
 __all__ = ['PiT', 'PiTStage', 'ConvHeadPooling', 'ConvEmbedding', 'resize_pos_embed_2d']

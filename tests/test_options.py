@@ -6,6 +6,7 @@ import pytest
 
 from framework import options
 import models
+import utils
 from utils import UserError
 
 OFFICIAL_HVT_S_2 = {  # config/hvt-s-2.json of MonashAI/HVT, all 13 keys
@@ -198,3 +199,15 @@ def test_builders_create_the_model_then_apply_its_token_reduction(monkeypatch):
     args.token_reduction = {'method': 'tome', 'r': 500}
     with pytest.raises(UserError, match=r"cannot build model 'deit_tiny': tome: r must be < 197"):
         builders.build_model(args)
+
+
+def test_cpu_run_caps_workers_and_says_pin_memory_is_off(monkeypatch):
+    monkeypatch.setattr(utils, 'cpu_count', lambda: 2)
+    args = options.parse_args(['--device', 'cpu'])
+    assert options.adapt_to_machine(args) == []         # defaults: capped quietly, no DataLoader warning
+    assert args.num_workers == 2 and args.pin_mem is False
+    args = options.parse_args(['--device', 'cpu', '--num-workers', '8', '--pin-mem'])
+    notes = options.adapt_to_machine(args)
+    assert args.num_workers == 2 and args.pin_mem is False
+    assert any('--num-workers 8' in n and '2 CPUs' in n for n in notes)
+    assert any('--pin-mem has no effect without a CUDA device' in n for n in notes) and len(notes) == 2
