@@ -11,8 +11,7 @@ import torch
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.act import (ACT, BUCKET_WIDTH, cluster_identical_codes, dense_rank,
                                         e2lsh_projections)
-from models.vit import VisionTransformer
-from vit_reference import seeded_vit
+from vit_reference import meta_vit, seeded_vit
 
 SEED = 7
 
@@ -161,9 +160,7 @@ def test_seed_reproducible_batch_independent_and_random_without_seed():
 
 def test_schedule_at_the_real_sizes_without_allocating():
     for img_size, patch, width, depth, tokens in ((512, 16, 1024, 24, 1025), (518, 14, 1280, 32, 1370)):
-        with torch.device('meta'):
-            model = VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=width, depth=depth,
-                                      num_heads=16)
+        model = meta_vit(img_size, patch, width, depth)
         schedule = token_schedule(model, {'method': 'act', 'q_hashes': 16})
         assert schedule['data_dependent'] is True
         assert schedule['tokens_in'] == schedule['tokens_out'] == tokens
@@ -177,7 +174,7 @@ def test_schedule_at_the_real_sizes_without_allocating():
     ({'start': 5, 'end': 4}, 'end'), ({'seed': -3}, 'seed'), ({'seed': 1.5}, 'seed'), ({'q_hash': 4}, 'q_hash'),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_parameter(spec, word):
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=12, num_heads=2)
+    model = seeded_vit(embed_dim=16, depth=12)
     with pytest.raises(ValueError) as error:
         apply_token_reduction(model, {'method': 'act', **spec})
     message = str(error.value)

@@ -5,7 +5,6 @@ The reference works per image in float64 with explicit bins, cells and windows a
 ||x - c||^2 (not the expanded form the method uses), so it shares no code with models/token_reduction/hourglass.py.
 """
 import copy
-import functools
 import math
 
 import pytest
@@ -16,8 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import apply_token_reduction, token_schedule
 from models.layers import set_fused_attn
 from models.token_reduction.hourglass import cluster_tokens, reconstruct_tokens, reconstruction_weights
-from models.vit import VisionTransformer
-from vit_reference import seeded_vit
+from vit_reference import meta_vit, seeded_vit
 
 
 # ------------------------------------------------------------------------------------------------- reference
@@ -247,23 +245,20 @@ def test_executed_graph_follows_the_schedule(spec):
 
 # ------------------------------------------------------------------------------------------ (2) the schedule
 
-@functools.lru_cache(maxsize=None)
-def meta_vit(**arch):
-    with torch.device('meta'):
-        return VisionTransformer(**arch)
+L16, H14 = (512, 16, 1024, 24), (518, 14, 1280, 32)   # SWAG ViT-L/16 and ViT-H/14: img_size, patch, width, depth
 
 
 @pytest.mark.parametrize('arch, location, clusters, tokens, depth', [
-    (dict(img_size=512, patch_size=16, embed_dim=1024, depth=24, num_heads=16), 12, 529, 1025, 24),
-    (dict(img_size=512, patch_size=16, embed_dim=1024, depth=24, num_heads=16), 6, 529, 1025, 24),
-    (dict(img_size=512, patch_size=16, embed_dim=1024, depth=24, num_heads=16), 8, 256, 1025, 24),
-    (dict(img_size=518, patch_size=14, embed_dim=1280, depth=32, num_heads=16), 10, 676, 1370, 32),
-    (dict(img_size=518, patch_size=14, embed_dim=1280, depth=32, num_heads=16), 4, 625, 1370, 32),
-    (dict(img_size=518, patch_size=14, embed_dim=1280, depth=32, num_heads=16), 8, 324, 1370, 32),
+    (L16, 12, 529, 1025, 24),
+    (L16, 6, 529, 1025, 24),
+    (L16, 8, 256, 1025, 24),
+    (H14, 10, 676, 1370, 32),
+    (H14, 4, 625, 1370, 32),
+    (H14, 8, 324, 1370, 32),
 ])
 def test_schedule_at_the_swag_sizes(arch, location, clusters, tokens, depth):
     """Expedit-SWAG's rows on ViT-L/16 @512 (32x32 grid) and ViT-H/14 @518 (37x37), built on the meta device."""
-    model = meta_vit(**arch)
+    model = meta_vit(*arch)
     spec = dict(method='hourglass', location=location, num_clusters=clusters)
     schedule = token_schedule(model, spec)
     expected = [tokens] * location + [1 + clusters] * (depth - location)

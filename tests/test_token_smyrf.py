@@ -13,8 +13,7 @@ from framework import counting
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.act import e2lsh_projections
 from models.token_reduction.smyrf import chunk_pairs, smyrf_attention
-from models.vit import VisionTransformer
-from vit_reference import seeded_vit
+from vit_reference import meta_vit, seeded_vit
 
 SEED = 5
 
@@ -163,9 +162,7 @@ def test_seed_reproducible_batch_independent_and_random_without_seed():
 def test_schedule_and_checks_at_the_real_sizes_without_allocating():
     for img_size, patch, width, depth, tokens, location in ((512, 16, 1024, 24, 1025, 12),
                                                            (518, 14, 1280, 32, 1370, 16)):
-        with torch.device('meta'):
-            model = VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=width, depth=depth,
-                                      num_heads=16)
+        model = meta_vit(img_size, patch, width, depth)
         for size in (64, 32, 16):
             schedule = token_schedule(model, {'method': 'smyrf', 'location': location, 'q_cluster_size': size,
                                               'k_cluster_size': size})
@@ -186,7 +183,7 @@ def test_schedule_and_checks_at_the_real_sizes_without_allocating():
     ({'location': 0, 'seed': -1}, ['seed']), ({'location': 0, 'rounds': 4}, ['rounds']),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_parameter(spec, words):
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=12, num_heads=2)
+    model = seeded_vit(embed_dim=16, depth=12)
     with pytest.raises(ValueError) as error:
         apply_token_reduction(model, {'method': 'smyrf', **spec})
     message = str(error.value)
