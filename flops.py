@@ -2,11 +2,12 @@
 
     python flops.py --config config/hvt-s-1.json [--input-size 384] [--token-reduction '<json>'] [--detail]
                     [--json | --csv] [--convention C]
-    python flops.py --all [--json | --csv] [--convention C] [--jobs 2]
+    python flops.py --all [--source PAPER] [--json | --csv] [--convention C] [--jobs 2]
 
 GMACs are multiply-accumulates of one image (batch 1, eval mode) at the evaluation resolution, attention matmuls
-included, counted by ``counting.py`` under a named convention (``counting.CONVENTIONS``). The model is built as
-training builds it (``builders``). Published numbers come from ``data/published.json``: a config with a published row
+included, counted by ``framework/counting.py`` under a named convention (``counting.CONVENTIONS``); the ``expedit``
+convention is Expedit-SWAG's counter and its count is labelled "GFLOPs", as that paper's tables do. The model is built
+as training builds it (``builders``). Published numbers come from ``data/published.json``: a config with a published row
 at its token-reduction setting is counted in that row's convention unless ``--convention`` says otherwise, any other
 in ``fvcore``. ``--all`` counts every config of ``--config-dir`` and every published row naming a setting no config
 has.
@@ -141,7 +142,8 @@ def report(job: Job, table: List[published.Published], convention: Optional[str]
     row = dict(config=name, config_path=config_path, model=args.model, token_reduction=spec,
                counted_model=counted_name, input_size=args.input_size, num_classes=num_classes, batch=1,
                params=total, trainable_params=trainable, params_m=round(total / 1e6, 3), macs=macs,
-               gmacs=round(macs / 1e9, 4), convention=convention, convention_description=rule.description)
+               gmacs=round(macs / 1e9, 4), unit=rule.unit, convention=convention,
+               convention_description=rule.description)
     if job.label:
         row['label'] = job.label
     if images is not None:
@@ -149,7 +151,7 @@ def report(job: Job, table: List[published.Published], convention: Optional[str]
     comparable = pub is not None and args.input_size == pub.resolution and num_classes == pub.num_classes
     row.update(published_gmacs=float(pub.gmacs) if comparable else None,
                published_params_m=float(pub.params_m) if comparable and pub.params_m else None,
-               published_source=pub.source if pub else None, published_convention=pub.convention if pub else None,
+               published_source=pub.citation if pub else None, published_convention=pub.convention if pub else None,
                published_note=pub.note if pub else None)
     gdiff, gmatch = published.compare(Decimal(macs) / Decimal(10) ** 9, pub.gmacs if comparable else None)
     pdiff, pmatch = published.compare(Decimal(total) / Decimal(10) ** 6, pub.params_m if comparable else None)
@@ -172,16 +174,17 @@ def _setting(config_path: str) -> str:
 
 
 def all_jobs(config_dir: str, table: List[published.Published], argv: Sequence[str],
-             token_reduction_given: bool, seeds: Sequence[str] = ()) -> List[Job]:
+             token_reduction_given: bool, sources: Sequence[str] = ()) -> List[Job]:
     """Every config of ``config_dir``, then every published row whose setting no config has (a config at another
     token-reduction setting, or a model). With ``--token-reduction`` given, the configs only, at that setting.
-    ``seeds`` (e.g. ``['003']``) keeps the rows of those seeds and the configs that have no published row."""
-    if seeds:
-        seeded = {row.config for row in table if row.config}
-        table = [row for row in table if row.seed in seeds]
+    ``sources`` (e.g. ``['expedit-swag']``) keeps the rows of those papers and the configs that have no published
+    row."""
+    if sources:
+        published_configs = {row.config for row in table if row.config}
+        table = [row for row in table if row.source in sources]
         kept = {row.config for row in table if row.config}
         paths = [p for p in builders.config_files(config_dir)
-                 if config_name(p) in kept or config_name(p) not in seeded]
+                 if config_name(p) in kept or config_name(p) not in published_configs]
     else:
         paths = builders.config_files(config_dir)
     jobs = [Job(p, tuple(argv)) for p in paths]
@@ -272,7 +275,11 @@ def _fmt_diff(diff: Optional[float]) -> str:
 
 
 def format_table(rows: List[dict], table) -> str:
-    head = ['config', 'model', 'convention', 'input', 'params', 'M', 'pub M', 'diff', 'ok', 'GMACs', 'pub G', 'diff',
+    """One line per row; the count column is headed by the conventions' unit (GMACs, or GFLOPs for ``expedit``
+    alone, "G" when the two are mixed: each row's convention is in its own column)."""
+    units = sorted({r['unit'] for r in rows if 'unit' in r}) or ['GMACs']
+    unit = units[0] if len(units) == 1 else 'G'
+    head = ['config', 'model', 'convention', 'input', 'params', 'M', 'pub M', 'diff', 'ok', unit, 'pub G', 'diff',
             'ok']
     lines = []
     for r in rows:
@@ -293,9 +300,9 @@ def format_table(rows: List[dict], table) -> str:
         else:
             text.append('  '.join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
     notes = sorted({f"{_name(r)}: {r['published_note']}" for r in rows if r.get('published_note')})
-    text.append('GMACs: multiply-accumulates of one image (fvcore convention: 1 fused multiply-add = 1 flop), '
-                'attention matmuls included; M = params in millions; "ok" = equal to the published number at its '
-                'printed precision.')
+    text.append(f'{unit}: the count of one image in the row\'s convention (GMACs: multiply-accumulates, 1 fused '
+                'multiply-add = 1, attention matmuls included; GFLOPs: Expedit-SWAG\'s count, the expedit convention); '
+                'M = params in millions; "ok" = equal to the published number at its printed precision.')
     text += [f'conventions: {name}: {rule.description}' for name, rule in counting.CONVENTIONS.items()
              if any(r.get('convention') == name for r in rows)]
     text += [f'note {n}' for n in notes]
@@ -309,7 +316,8 @@ def format_report(row: dict, table) -> str:
              f"input size    3x{row['input_size']}x{row['input_size']}, batch 1, {row['num_classes']} classes",
              f"parameters    {row['params']:,} total ({row['params'] / 1e6:.2f} M), "
              f"{row['trainable_params']:,} trainable",
-             f"GMACs         {row['gmacs']:.4f} per image ({row['macs']:,} MACs)",
+             f"{row['unit']:<14}{row['gmacs']:.4f} per image ({row['macs']:,} counted in the {row['convention']} "
+             f"convention)",
              f"convention    {row['convention']}: {row['convention_description']}"]
     if row['token_reduction'] is not None:
         lines.insert(2, f"reduction     {json.dumps(row['token_reduction'])}")
@@ -317,25 +325,27 @@ def format_report(row: dict, table) -> str:
     if pub is not None:
         params_part = (f", {pub.params_m} M (diff {row['params_m_diff']:+.3f}, "
                        f"{'reproduced' if row['params_match'] else 'NOT reproduced'})") if pub.params_m else ''
-        lines.append(f"published     {pub.gmacs} GMACs (diff {row['gmacs_diff']:+.4f}, "
+        lines.append(f"published     {pub.gmacs} {row['unit']} (diff {row['gmacs_diff']:+.4f}, "
                      f"{'reproduced' if row['gmacs_match'] else 'NOT reproduced'}){params_part}")
-        lines.append(f"source        {pub.source}")
+        lines.append(f"source        {pub.citation}")
     if row.get('published_note'):
         lines.append(f"note          {row['published_note']}")
     if row.get('images'):
         info = row['images']
-        lines.append(f"data-dependent: GMACs are the mean over {info['num_images']} images ({info['source']}); per "
-                     f"image: {', '.join(f'{m / 1e9:.2f}' for m in info['macs_per_image'])}")
+        lines.append(f"data-dependent: {row['unit']} are the mean over {info['num_images']} images "
+                     f"({info['source']}); per image: {', '.join(f'{m / 1e9:.2f}' for m in info['macs_per_image'])}")
         if info['mean_per_block']:
             lines.append(f"mean {info['counted']} per block: "
                          + ', '.join('-' if c is None else f'{c:g}' for c in info['mean_per_block']))
     if 'detail' in row:
-        lines.append(format_detail(row['detail']))
+        lines.append(format_detail(row['detail'], row['unit']))
     return '\n'.join(lines)
 
 
-def format_detail(d: dict) -> str:
+def format_detail(d: dict, unit: str = 'GMACs') -> str:
+    """The ``--detail`` breakdown; ``unit`` names the count (GMACs, or GFLOPs in the expedit convention)."""
     g = lambda v: f'{v / 1e9:.4f}'  # noqa: E731
+    attn = f'attn {unit}'
     lines = []
     if d.get('schedule'):
         schedule = d['schedule']
@@ -343,14 +353,14 @@ def format_detail(d: dict) -> str:
                       f"out{', upper bounds: data-dependent' if schedule['data_dependent'] else ''}):",
                   '  block  attention  mlp']
         lines += [f"  {b['block']:>5}  {b['attention']:>9}  {b['mlp']:>3}" for b in schedule['blocks']]
-    lines += ['', "by module (fvcore's flop_count_table; #flops are MACs in this convention):", d['table']]
-    lines += ['by operator (GMACs):'] + [f'  {name:<30} {g(v):>9}' for name, v in sorted(d['operators'].items())]
+    lines += ['', "by module (fvcore's flop_count_table; #flops are this convention's count):", d['table']]
+    lines += [f'by operator ({unit}):'] + [f'  {name:<30} {g(v):>9}' for name, v in sorted(d['operators'].items())]
     lines += ['by stage (consecutive blocks with the same input tokens and width):',
-              f"  {'stage':>5} {'blocks':>6} {'tokens in':>9} {'width':>6} {'GMACs':>9} {'attn GMACs':>10}"]
+              f"  {'stage':>5} {'blocks':>6} {'tokens in':>9} {'width':>6} {unit:>9} {attn:>10}"]
     lines += [f"  {s['stage']:>5} {len(s['blocks']):>6} {s['tokens_in']!s:>9} {s['dim_in']!s:>6} {g(s['macs']):>9} "
               f"{g(s['attn_macs']):>10}" for s in d['stages']]
     lines += ['by block:', f"  {'block':<26} {'type':<16} {'tokens in':>9} {'width':>6} {'tokens out':>10} "
-                           f"{'GMACs':>9} {'attn GMACs':>10}"]
+                           f"{unit:>9} {attn:>10}"]
     lines += [f"  {b['name']:<26} {b['type']:<16} {b['tokens_in']!s:>9} {b['dim_in']!s:>6} {b['tokens_out']!s:>10} "
               f"{g(b['macs']):>9} {g(b['attn_macs']):>10}" for b in d['blocks']]
     return '\n'.join(lines)
@@ -359,8 +369,8 @@ def format_detail(d: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------- CLI
 
 def get_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description='Parameters and GMACs (fvcore convention: MACs) of a config, or of every config '
-                                   'beside the published numbers.')
+    p = ArgumentParser(description='Parameters and GMACs (GFLOPs in the expedit convention) of a config, or of '
+                                   'every config beside the published numbers.')
     what = p.add_mutually_exclusive_group()
     what.add_argument('--config', help='JSON config (model, input_size, data_set ...)')
     what.add_argument('--all', action='store_true', help='every config in --config-dir, beside the published numbers')
@@ -372,9 +382,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--convention', default=None,
                    help=f"{' | '.join(counting.CONVENTIONS)}; default: the published row's, else fvcore")
     p.add_argument('--published', default=published.DATA_FILE, help='published numbers (default: data/published.json)')
-    p.add_argument('--seed', action='append', default=[], metavar='NNN',
-                   help="--all: only the published rows of this seed (000 HVT, 001 HiViT, 002 PiT/DeiT, 003 "
-                        "token reduction on SWAG; repeatable) and the configs without a published row")
+    p.add_argument('--source', action='append', default=[], metavar='PAPER',
+                   help="--all: only the published rows of this paper (hvt, pit (PiT and DeiT), hivit, expedit-swag "
+                        "(token reduction on SWAG ViTs); repeatable) and the configs without a published row")
     p.add_argument('--jobs', type=int, default=1, help='--all: count in this many processes')
     p.add_argument('--num-images', '--num_images', type=int, default=4,
                    help='data-dependent methods (ATS, ACT): count the mean over this many images (default 4)')
@@ -407,12 +417,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             table = published.load(args.published)
         except ValueError as e:
             raise UserError(str(e)) from None
+        known_sources = sorted({row.source for row in table})
+        for source in args.source:
+            if source not in known_sources:
+                raise UserError(f"--source '{source}' has no published rows; use one of {', '.join(known_sources)}")
         overrides = [] if args.input_size is None else ['--input-size', str(args.input_size)]
         given = 'token_reduction' in vars(args)
         if given:
             overrides += ['--token-reduction', json.dumps(args.token_reduction)]
         if args.all:
-            jobs = all_jobs(args.config_dir, table, overrides, given, args.seed)
+            jobs = all_jobs(args.config_dir, table, overrides, given, args.source)
             rows = report_all(jobs, table, args.convention, args.detail, args.jobs, image_source)
         else:
             rows = [report(Job(args.config, tuple(overrides)), table, args.convention, args.detail, image_source)]
@@ -436,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_table(rows, table))
         for row in rows:
             if 'detail' in row:
-                print(f"\n== {_name(row)}" + format_detail(row['detail']))
+                print(f"\n== {_name(row)}" + format_detail(row['detail'], row['unit']))
     else:
         print(format_report(rows[0], table))
     errors = [r for r in rows if 'error' in r]

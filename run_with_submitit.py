@@ -9,6 +9,7 @@ anything is submitted. ``--executor local`` runs the job on this machine through
 the tests). A run that fails (main.py's exit code is not 0) fails the job.
 """
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -49,7 +50,7 @@ def parse_args(argv=None):
 
 
 class Trainer:
-    """The submitted callable: sets the rendezvous from submitit's job environment and runs main.main()."""
+    """The submitted callable: sets the rendezvous from submitit's job environment and runs main.py in it."""
 
     def __init__(self, main_argv, init_file: str):
         self.main_argv = list(main_argv)
@@ -63,9 +64,9 @@ class Trainer:
             argv = argv + ['--dist-url', f'file://{self.init_file}']
             os.environ.setdefault('MASTER_ADDR', env.hostnames[0])
             os.environ.setdefault('MASTER_PORT', '29500')
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import main
-        code = main.main(argv)
+        main_py = Path(__file__).resolve().parent / 'main.py'
+        sys.stdout.flush()
+        code = subprocess.call([sys.executable, str(main_py), *argv])   # output and errors go to the job's logs
         if code != 0:
             raise RunFailed(f'main.py exited with code {code} (its error is above)')
         return code

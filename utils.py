@@ -276,16 +276,22 @@ def save_on_master(obj, path: str) -> None:
     leaves the previous ``path`` as it was; a failed write raises :class:`UserError`."""
     if not is_main_process():
         return
-    _write_atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_json_atomic(obj, path: str) -> None:
-    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+    write_text_atomic(json.dumps(obj, indent=2) + '\n', path)
 
 
-def _write_atomic(path: str, write) -> None:
-    """``write(f)`` into ``path.tmp`` (a Python file, so every failed write raises), fsync, then ``os.replace``;
-    on any failure the temporary file is removed and ``path`` is left as it was."""
+def write_text_atomic(text: str, path: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the new one, never a part."""
+    write_atomic(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def write_atomic(path: str, write) -> None:
+    """``write(f)`` into ``path.tmp`` (a binary Python file, so every failed write raises), fsync, then
+    ``os.replace``; on any failure the temporary file is removed, ``path`` is left as it was and a failed write is a
+    one-line :class:`UserError`."""
     tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -339,16 +345,50 @@ def resume_hint(output_dir: str) -> str:
 LOCK_NAME = 'run.lock'
 
 
-def check_output_dir(path: str) -> bool:
-    """Create ``path`` if needed and prove it writable (a probe file is written, synced and removed), so that an
-    unusable output folder fails now, in one line, and not after the first epoch. Returns True if it was created."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"output folder '{path}' exists and is not a folder; choose another --output_dir")
+def check_output_dir(path: str) -> None:
+    """Check, without creating or writing anything, that ``path`` can become the output folder: an existing folder we
+    may write into, or a path whose nearest existing parent is one. Raises a one-line :class:`UserError` that says
+    what is wrong (a file in the way, no write permission, a name too long) and to choose another output folder."""
+    hint = 'choose another output folder'
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"output folder '{path}' is {_what_is(path)}, not a folder; {hint}")
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        parent = os.path.dirname(existing)
+        try:
+            os.stat(existing)
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise UserError(f"cannot create output folder '{path}': {e.strerror}; {hint}") from None
+        existing = parent
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create output folder '{path}': '{existing}' is {_what_is(existing)}, not a folder; "
+                        f"{hint}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = '' if existing == os.path.abspath(path) else f" (its parent '{existing}')"
+        raise UserError(f"output folder '{path}'{where} is not writable: permission denied; {hint}")
+
+
+def _what_is(path: str) -> str:
+    """'a file', 'a device file', 'a broken link' ...: what sits at ``path`` instead of a folder."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return 'a broken link'
+    if os.path.isfile(path):
+        return 'a file'
+    return 'a device or other special file'
+
+
+def make_output_dir(path: str) -> bool:
+    """:func:`check_output_dir`, then create ``path`` and prove it writable (a probe file is written, synced and
+    removed), so that an unusable output folder fails now, in one line, and not after the first epoch.
+    Returns True if the folder was created here (the caller removes it again if it stays empty)."""
+    check_output_dir(path)
+    hint = 'choose another output folder'
     created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create output folder '{path}': {e.strerror}; choose another --output_dir") from None
+        raise UserError(f"cannot create output folder '{path}': {e.strerror}; {hint}") from None
     probe = os.path.join(path, f'.write-probe-{os.getpid()}')
     try:
         with open(probe, 'wb') as f:
@@ -356,11 +396,19 @@ def check_output_dir(path: str) -> bool:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise UserError(f"output folder '{path}' is not writable: {e.strerror}; choose another --output_dir") \
-            from None
+        if created:
+            _remove_empty_folder(path)
+        raise UserError(f"output folder '{path}' is not writable: {e.strerror}; {hint}") from None
     finally:
         _remove_quietly(probe)
     return created
+
+
+def _remove_empty_folder(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def lock_output_dir(path: str):
@@ -421,7 +469,7 @@ def claim_output_dir(path: str) -> OutputClaim:
         return OutputClaim()
 
     def claim():
-        created = check_output_dir(path)
+        created = make_output_dir(path)
         try:
             return OutputClaim(path, created, lock_output_dir(path))
         except UserError:
@@ -448,12 +496,8 @@ def read_log(path: str) -> list:
 
 def truncate_log(path: str, last_epoch: int) -> None:
     """Keep only the log lines of epochs <= ``last_epoch`` (a run killed after logging but before its checkpoint)."""
-    lines = [rec for rec in read_log(path) if rec.get('epoch', -1) <= last_epoch]
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        for rec in lines:
-            f.write(json.dumps(rec) + '\n')
-    os.replace(tmp, path)
+    kept = [rec for rec in read_log(path) if rec.get('epoch', -1) <= last_epoch]
+    write_text_atomic(''.join(json.dumps(rec) + '\n' for rec in kept), path)
 
 
 def append_log(record: dict, path: str) -> None:

@@ -69,7 +69,7 @@ NON_MATMUL_HANDLES: Dict[str, Optional[Handle]] = {
 }
 
 
-# ------------------------------------------------------------------------------------- seed 003's counter ("expedit")
+# ------------------------------------------------------------------------------ Expedit-SWAG's counter ("expedit")
 # Expedit-SWAG's tools/flop_count.py + jit_handles.py (a detectron2-derived JIT counter): one multiply-accumulate is
 # one, a linear's bias counts as one more input, and element-wise ops are counted per output element. Ops it lists
 # as ignored (indexing, gather, scatter, sort, mean, sum, exp, log, sqrt, pow ...) and ops it does not know cost 0.
@@ -141,10 +141,12 @@ class Convention:
     ``handles`` is the complete op table given to fvcore (op name -> handle, or ``None``: known and not counted);
     ops outside it are reported as unsupported, which is fine for element-wise ops and an error for matmul-like ones.
     ``twin_suffix``: the convention counts the model ``<name><twin_suffix>`` instead of ``<name>`` (the caller builds
-    it; parameters stay those of the model itself)."""
+    it; parameters stay those of the model itself). ``unit``: what the upstream tables call the count, in billions
+    (``GMACs``; ``GFLOPs`` for Expedit-SWAG's counter, whose "GFLOPs" are MACs plus element-wise ops)."""
     description: str
     handles: Mapping[str, Optional[Handle]]
     twin_suffix: Optional[str] = None
+    unit: str = 'GMACs'
 
 
 CONVENTIONS: Dict[str, Convention] = {
@@ -161,10 +163,10 @@ CONVENTIONS: Dict[str, Convention] = {
         '(our inference, not stated by the authors)',
         {**MATMUL_HANDLES, **NON_MATMUL_HANDLES}, twin_suffix='_distilled'),
     'expedit': Convention(
-        'seed 003\'s counter (Expedit-SWAG tools/flop_count.py): MACs, a linear\'s bias as one more input, '
+        'the counter of Expedit-SWAG\'s tools/flop_count.py: MACs, a linear\'s bias as one more input, '
         'LayerNorm 4 and softmax 5 per element, adds, muls, divs, GELU and dropout 1 per element; what its tables '
         'print as "GFLOPs"',
-        EXPEDIT_HANDLES),
+        EXPEDIT_HANDLES, unit='GFLOPs'),
 }
 
 # ops that are (or may hide) multiply-accumulates; uncounted, they make the count wrong, so counting stops

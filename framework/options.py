@@ -67,8 +67,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add(g, 'input_size', type=int, default=None, help="also the model's img_size; default: the model's (224 for "
                                                        "DeiT, HVT, PiT, HiViT)")
     _add(g, 'token_reduction', type=parse_token_reduction, default=None,
-         help='token reduction applied to the model at inference: a JSON object such as \'{"method": "tome", '
-              '"r": 8}\', or null for the plain model')
+         help='token reduction of a plain ViT, in training and evaluation: a JSON object such as '
+              '\'{"method": "tome", "r": 8}\' (ToMe, EViT, Evo-ViT, ATS, ACT, SMYRF, Hourglass of Expedit-SWAG), '
+              'or null for the plain model')
     _add(g, 'drop', type=float, default=0.0, help='dropout rate')
     _add(g, 'drop_path', type=float, default=0.1, help='stochastic depth rate')
     _add(g, 'finetune', type=str, default='', help='initial weights: ours or an upstream layout (head dropped if '

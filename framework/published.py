@@ -2,7 +2,8 @@
 
 A row names what was measured (a config of ``config/`` or a model name, plus a ``token_reduction`` setting, null for
 the plain model), where (resolution, class count), how (a convention of ``counting.CONVENTIONS``), the numbers as
-printed, and the paper they come from. Adding a published number is adding a row to the data file.
+printed, and the paper they come from (``source``: ``hvt``, ``pit``, ``hivit`` or ``expedit-swag``, a key of the
+file's ``sources`` with the citation). Adding a published number is adding a row to the data file.
 """
 import json
 import os
@@ -16,14 +17,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILE = os.path.join(REPO, 'data', 'published.json')
 
 _REQUIRED = ('config', 'model', 'token_reduction', 'resolution', 'num_classes', 'family', 'convention', 'gmacs',
-             'params_m', 'source', 'seed')
+             'params_m', 'source')
 _OPTIONAL = ('note', 'fps', 'throughput', 'acc1')
 
 
 @dataclass(frozen=True)
 class Published:
     """One published number. ``gmacs`` and ``params_m`` are the printed strings ("2.40" keeps its precision);
-    ``source`` is the citation text."""
+    ``source`` names the paper (a key of the file's ``sources``) and ``citation`` cites it."""
     config: Optional[str]
     model: Optional[str]
     token_reduction: Optional[dict]
@@ -34,11 +35,11 @@ class Published:
     gmacs: str
     params_m: Optional[str]
     source: str
-    seed: str
+    citation: str
     note: Optional[str] = None
-    fps: Optional[str] = None          # seed 003: images/s at batch 1, as printed
-    throughput: Optional[str] = None   # seed 003: images/s at a large batch, as printed
-    acc1: Optional[str] = None         # seed 003: ImageNet top-1, as printed
+    fps: Optional[str] = None          # Expedit-SWAG: images/s at batch 1, as printed
+    throughput: Optional[str] = None   # Expedit-SWAG: images/s at a large batch, as printed
+    acc1: Optional[str] = None         # Expedit-SWAG: ImageNet top-1, as printed
 
     @property
     def label(self) -> str:
@@ -89,7 +90,7 @@ def _row(raw, index: int, sources: dict, path: str) -> Published:
     for key in ('resolution', 'num_classes'):
         if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 1:
             raise ValueError(f'{where}: {key} must be a positive integer, got {raw[key]!r}')
-    return Published(**{**raw, 'source': sources[raw['source']]})
+    return Published(**raw, citation=sources[raw['source']])
 
 
 def _is_number_text(value) -> bool:

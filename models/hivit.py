@@ -1,6 +1,6 @@
 """HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer (Zhang et al., ICLR 2023).
 
-Matches mmpretrain 1.2.0 ``HiViT`` + ``ImageClassifier`` (GAP neck, linear head) (see shared/reference/hivit.md):
+Matches mmpretrain 1.2.0 ``HiViT`` + ``ImageClassifier`` (GAP neck, linear head):
 - a 16x16-pixel **mask unit** is the main-stage token. A conv (kernel = stride = 16 / 4) embeds 4x4 inner patches per
   unit; tensors in the stem are ``(B, N_units, s, s, C_stage)`` with units and inner patches both row-major;
 - stem: per stage ``2 * depths[i]`` MLP-only blocks (``x + DropPath(MLP(LN(x)))``, ratio 3) and a PatchMerge (2x2 inside
@@ -26,16 +26,15 @@ mmpretrain drops after fc2 only. Not supported: layer scale (off in every upstre
 branch, and MAE token masking.
 """
 import functools
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 
-from .layers import Attention, Block, DropPath, init_vit_weights, trunc_normal_
+from .layers import Attention, Block, init_vit_weights, square_grid_side
 from .registry import register_model
 
 Grid = Tuple[int, int]
@@ -82,8 +81,8 @@ def resize_rel_pos_bias_table(table: torch.Tensor, old_grid: Grid, new_grid: Gri
 
 def _square_grid(num_positions: int, what: str) -> Grid:
     """Side of a square grid with ``num_positions`` cells (position tables in checkpoints are square)."""
-    side = math.isqrt(num_positions)
-    if side * side != num_positions:
+    side = square_grid_side(num_positions)
+    if side is None:
         raise ValueError(f'cannot resize {what}: {num_positions} entries is not a square grid')
     return side, side
 

@@ -1,6 +1,6 @@
 """HVT: Scalable Vision Transformers with Hierarchical Pooling (Pan et al., ICCV 2021).
 
-Matches MonashAI/HVT ``models.py`` (see shared/reference/hvt.md):
+Matches MonashAI/HVT ``models.py``:
 - conv patch embedding, **no class token**, a learnable (1, N0, C) position embedding added once;
 - pre-norm blocks (LayerNorm eps 1e-6, qkv with bias, MLP ratio 4, exact GELU);
 - block ``i`` pools at its end iff ``i % pool_block_width == 0`` (so block 0 always pools): a ``MaxPool1d`` over the
@@ -9,17 +9,17 @@ Matches MonashAI/HVT ``models.py`` (see shared/reference/hvt.md):
 
 Differences from upstream, on purpose: ``pool_stride`` is honoured (upstream hard-codes 2), ``pool_block_width=0``
 means no pooling (HVT-S-0, which upstream cannot express), and the model takes its settings as constructor arguments
-instead of reading global argparse state. With 224 px, patch 16 and kernel 3 the token counts are 196 -> 97 -> 48 -> 23 -> 11.
+instead of reading global argparse state. With 224 px, patch 16 and kernel 3 the token counts are
+196 -> 97 -> 48 -> 23 -> 11.
 """
-import math
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from .layers import Block, PatchEmbed, init_vit_weights, tokens_after_pool, trunc_normal_
+from .layers import Block, PatchEmbed, init_vit_weights, square_grid_side, tokens_after_pool
 from .registry import register_model
 
 
@@ -131,8 +131,8 @@ class HVT(nn.Module):
 
 def _resize_grid_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
     """(1, old*old, C) -> (1, grid[0]*grid[1], C): 2-D bicubic, antialiased (timm's resampling, no class token)."""
-    old = math.isqrt(pos.shape[1])
-    if old * old != pos.shape[1]:
+    old = square_grid_side(pos.shape[1])
+    if old is None:
         raise ValueError(f'cannot resize a position embedding of {pos.shape[1]} tokens: not a square grid')
     return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[old, old], num_prefix_tokens=0)
 

@@ -3,6 +3,7 @@
 State-dict names follow timm's ViT (``qkv``, ``proj``, ``norm1``, ``mlp.fc1`` ...), so timm, DeiT, HVT and PiT
 checkpoints map onto these modules without renaming the block internals.
 """
+import math
 from typing import Optional
 
 import torch
@@ -10,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-__all__ = ['Attention', 'Block', 'PatchEmbed', 'DropPath', 'Mlp', 'trunc_normal_', 'init_vit_weights',
-           'set_fused_attn', 'tokens_after_pool']
+__all__ = ['Attention', 'Block', 'PatchEmbed', 'init_vit_weights', 'set_fused_attn', 'square_grid_side',
+           'tokens_after_pool']
 
 
 class Attention(nn.Module):
@@ -147,3 +148,9 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> None:
 def tokens_after_pool(num_tokens: int, kernel_size: int, stride: int) -> int:
     """Output length of a 1-D pooling (no padding): floor((N - k) / s) + 1."""
     return (num_tokens - kernel_size) // stride + 1
+
+
+def square_grid_side(num_cells: int) -> Optional[int]:
+    """The side of a square grid of ``num_cells`` cells (a position table's patches), or None when there is none."""
+    side = math.isqrt(num_cells)
+    return side if side * side == num_cells else None

@@ -1,7 +1,7 @@
 """PiT: Pooling-based Vision Transformer (Heo et al., "Rethinking Spatial Dimensions of Vision Transformers",
 ICCV 2021).
 
-Matches naver-ai/pit ``pit.py`` (see shared/reference/pit.md), with the official state-dict layout:
+Matches naver-ai/pit ``pit.py``, with the official state-dict layout:
 
 - ``patch_embed.conv``: Conv2d(3 -> C0, kernel = patch_size, stride = stride, no padding). The output stays a spatial
   map (B, C0, H0, W0), H0 = floor((H - patch) / stride) + 1: 27 x 27 at 224 px for ti/xs/s (16/8), 31 x 31 for b (14/7);
@@ -38,9 +38,9 @@ from typing import List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
+from timm.layers import to_2tuple, trunc_normal_
 
-from .layers import Block, trunc_normal_
+from .layers import Block
 from .registry import register_model
 
 __all__ = ['PiT', 'PiTStage', 'ConvHeadPooling', 'ConvEmbedding', 'resize_pos_embed_2d']

@@ -5,7 +5,7 @@ constructor arguments of the chosen model (``model_arg_names``).
 """
 import difflib
 import inspect
-from typing import Callable, Dict, List, Optional, Type
+from typing import Callable, Dict, List, Type
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -90,11 +90,10 @@ def model_arg_names(name: str) -> List[str]:
     return [p for p in params if p not in ('self', 'kwargs', 'args')]
 
 
-def create_model(name: str, token_reduction: Optional[dict] = None, **kwargs) -> nn.Module:
+def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model. Keyword arguments go to the model's constructor (None values are dropped).
 
-    ``token_reduction`` (a spec dict, see ``models.token_reduction``) is applied to the built model; an invalid
-    spec raises ``ValueError`` naming the parameter."""
+    Token reduction is applied to the built model afterwards (``models.apply_token_reduction(model, spec)``)."""
     _check_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     accepted = set(model_arg_names(name))
@@ -102,8 +101,4 @@ def create_model(name: str, token_reduction: Optional[dict] = None, **kwargs) ->
     if unknown:
         raise ValueError(f"model '{name}' does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    model = _ENTRYPOINTS[name](**kwargs)
-    if token_reduction is not None:
-        from .token_reduction import apply_token_reduction
-        apply_token_reduction(model, token_reduction)
-    return model
+    return _ENTRYPOINTS[name](**kwargs)

@@ -4,15 +4,14 @@ Parameter names equal timm's ``VisionTransformer``, so timm/DeiT checkpoints loa
 ViT state dicts are renamed by :func:`swag_to_timm`. Position embeddings are resampled (bicubic, class token kept)
 when the checkpoint was trained at another resolution.
 """
-import math
 import re
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from .convert import CheckpointError
-from .layers import Block, PatchEmbed, init_vit_weights, trunc_normal_
+from .layers import Block, PatchEmbed, init_vit_weights, square_grid_side
 from .registry import register_model
 
 
@@ -80,8 +79,8 @@ class VisionTransformer(nn.Module):
         if pos is not None and pos.shape != self.pos_embed.shape and pos.ndim == 3 and pos.shape[0] == 1 \
                 and pos.shape[2] == self.embed_dim:
             old_patches = pos.shape[1] - self.num_prefix_tokens
-            old_grid = math.isqrt(old_patches)
-            if old_grid * old_grid != old_patches:
+            old_grid = square_grid_side(old_patches)
+            if old_grid is None:
                 raise CheckpointError(f'position embedding of {pos.shape[1]} tokens is not a class token plus a '
                                       f'square patch grid; cannot resize it to {self.patch_embed.grid_size}')
             state_dict['pos_embed'] = resample_abs_pos_embed(

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny fake data sets on disk and a runner for the real scripts."""
+"""Shared fixtures: tiny fake data sets on disk, one tiny trained run, a runner for the real scripts and the checks
+of their one-line errors."""
+import hashlib
+import json
 import os
 import pickle
 import socket
@@ -18,6 +21,9 @@ TINY_HVT = ['--model', 'hvt_model', '--input-size', '32', '--patch-size', '8', '
 # fast, deterministic training flags (no workers, no RandAugment/mixup, a few steps)
 FAST = ['--batch-size', '16', '--num-workers', '0', '--aa', '', '--mixup', '0', '--cutmix', '0', '--reprob', '0',
         '--warmup-epochs', '0', '--print-freq', '100', '--lr', '1e-3', '--unscale-lr']
+DIGITS = ['--data-set', 'DIGITS']
+# a tiny HVT on scikit-learn's digits, two steps per epoch
+SHORT = [*TINY_HVT, *FAST, *DIGITS, '--max-steps-per-epoch', '2']
 
 
 def run_script(args, timeout=300, env=None, script='main.py'):
@@ -70,3 +76,32 @@ def fake_cifar(tmp_path_factory):
         dump(root / 'cifar-10-batches-py' / f'data_batch_{i}', 16, b'labels', 10)
     dump(root / 'cifar-10-batches-py' / 'test_batch', 20, b'labels', 10)
     return root
+
+
+def read_log(out):
+    """The JSON lines of a run's log.txt."""
+    return [json.loads(line) for line in (Path(out) / 'log.txt').read_text().splitlines()]
+
+
+def snapshot(folder):
+    """File name -> SHA-256 of every file in ``folder``: to show that a failed run changed nothing."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def one_error_line(text):
+    """The single ``error: ...`` line a script printed on stderr (fails if there is anything else)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), text
+    return lines[0]
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+    """One tiny epoch on DIGITS whose output folder comes from a config file (as `make train` does): (folder, config).
+    Tests that change the folder work on a copy."""
+    out = tmp_path_factory.mktemp('trained') / 'run'
+    config = out.parent / 'tiny.json'
+    config.write_text(json.dumps({'output_dir': str(out), 'epochs': 1}))
+    res = run_script(['--config', config, *SHORT])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, config

@@ -1,10 +1,13 @@
-"""Data sets and samplers."""
-import argparse
+"""Data sets and samplers; unreadable images and crafted data files are one-line errors."""
+import os
+import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import FAST, TINY_HVT, one_error_line, read_log, run_script
 from datasets import build_dataset, digits_split
 from framework import options
 from samplers import ExactDistributedSampler, RASampler
@@ -116,3 +119,70 @@ def test_native_size_images_are_only_normalised():
     img = Image.fromarray(digits_split(False, 16)[0][0])
     expected = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(T.ToTensor()(img))
     assert torch.equal(build_transform(False, args)(img), expected)
+
+
+@pytest.fixture
+def corrupt_imagenet(fake_imagenet, tmp_path):
+    root = tmp_path / 'imnet'
+    shutil.copytree(fake_imagenet, root)
+    (root / 'train' / 'n00001' / 'text.jpg').write_text('this is not an image\n')
+    (root / 'val' / 'n00002' / 'empty.JPEG').write_bytes(b'')
+    return root
+
+
+IMNET_RUN = [*TINY_HVT, *FAST, '--data-set', 'IMNET', '--batch-size', '8', '--epochs', '1']
+
+
+def test_corrupt_image_is_one_line_naming_it(corrupt_imagenet, tmp_path):
+    # the train set has a text file named .jpg; with a worker process the error crosses the DataLoader boundary
+    res = run_script([*IMNET_RUN, '--data-path', corrupt_imagenet, '--num-workers', '1', '--output_dir', tmp_path])
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = one_error_line(res.stderr)
+    assert str(corrupt_imagenet / 'train' / 'n00001' / 'text.jpg') in line and '--skip-corrupt' in line
+    # the validation set has a 0-byte JPEG: found at the first evaluation, reported the same way
+    os.remove(corrupt_imagenet / 'train' / 'n00001' / 'text.jpg')
+    res = run_script([*IMNET_RUN, '--data-path', corrupt_imagenet, '--output_dir', tmp_path / 'b'])
+    assert res.returncode == 2 and 'empty.JPEG' in one_error_line(res.stderr) and 'empty file' in res.stderr
+
+
+def test_skip_corrupt_leaves_unreadable_images_out(corrupt_imagenet, tmp_path):
+    res = run_script([*IMNET_RUN, '--data-path', corrupt_imagenet, '--skip-corrupt', '--output_dir', tmp_path])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'left out 1 unreadable image of 25' in res.stdout and 'left out 1 unreadable image of 13' in res.stdout
+    assert read_log(tmp_path)[0]['test_n_samples'] == 12
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted CIFAR file under --data-path does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_cifar_reader_does_not_run_code_from_data_files(tmp_path):
+    folder = tmp_path / 'cifar-10-batches-py'
+    folder.mkdir()
+    marker = tmp_path / 'pwned'
+    with open(folder / 'test_batch', 'wb') as f:
+        pickle.dump({b'data': RunsCode(marker), b'labels': [0]}, f)
+    args = options.parse_args(['--data-set', 'CIFAR10', '--data-path', str(tmp_path), '--input-size', '32'])
+    with pytest.raises(UserError, match="test_batch' is not a CIFAR python pickle.*system"):
+        build_dataset(is_train=False, args=args)
+    assert not marker.exists()
+
+
+def test_cifar_reader_reads_the_original_numpy_1_layout(tmp_path):
+    """The released files were written by numpy 1 (``numpy.core.multiarray``) with protocol 2."""
+    folder = tmp_path / 'cifar-10-batches-py'
+    folder.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, size=(5, 3072), dtype=np.uint8)
+    raw = pickle.dumps({b'batch_label': b'testing batch 1 of 1', b'labels': [1, 2, 3, 4, 5], b'data': data,
+                        b'filenames': [b'a.png'] * 5}, protocol=2)
+    (folder / 'test_batch').write_bytes(raw.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    args = options.parse_args(['--data-set', 'CIFAR10', '--data-path', str(tmp_path), '--input-size', '32'])
+    dataset, classes = build_dataset(is_train=False, args=args)
+    assert classes == 10 and dataset.targets == [1, 2, 3, 4, 5]
+    assert np.array_equal(dataset.images[2], data[2].reshape(3, 32, 32).transpose(1, 2, 0))

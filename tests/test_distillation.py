@@ -4,10 +4,9 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, TINY_HVT, run_script
+from conftest import DIGITS, FAST, TINY_HVT, run_script
 from framework import builders, options
-
-DIGITS = ['--data-set', 'DIGITS']
+from utils import UserError
 TINY_PIT = ['--model', 'pit_ti_distilled', '--input-size', '32', '--patch-size', '4', '--stride', '4',
             '--base-dims', '[8, 8, 8]', '--heads', '[1, 2, 4]', '--depth', '[1, 1, 1]']
 
@@ -62,3 +61,18 @@ def test_distillation_needs_a_distilled_student(teacher, tmp_path):
     res = run_script([*TINY_HVT, *FAST, *DIGITS, '--distillation-type', 'hard', '--teacher-path', teacher,
                       '--output_dir', tmp_path])
     assert res.returncode == 2 and 'needs a model with a distillation token' in res.stderr
+
+
+def test_teacher_that_does_not_load_completely_is_refused(trained, tmp_path):
+    saved = torch.load(trained[0] / 'checkpoint.pth', weights_only=True)
+    partial = {**saved, 'model': {k: v for i, (k, v) in enumerate(saved['model'].items()) if i % 2}}
+    torch.save(partial, tmp_path / 'partial.pth')
+    torch.save(saved['model'], tmp_path / 'bare.pth')     # no args: loaded into --teacher-model as it is
+    student = ['--model', 'pit_ti_distilled', '--input-size', '32', '--patch-size', '4', '--stride', '4',
+               '--base-dims', '[8, 8, 8]', '--heads', '[1, 2, 4]', '--depth', '[1, 1, 1]', *DIGITS,
+               '--distillation-type', 'hard']
+    cases = {'partial.pth': [], 'bare.pth': ['--teacher-model', 'resnet10t']}
+    for name, extra in cases.items():
+        args = options.parse_args([*student, *extra, '--teacher-path', str(tmp_path / name)])
+        with pytest.raises(UserError, match=r'of \d+ keys missing'):
+            builders.build_teacher(args, torch.device('cpu'), 10)

@@ -19,7 +19,7 @@ from models.layers import set_fused_attn
 
 CONFIG = os.path.join(REPO, 'config')
 
-# The seeds' tables (GMACs, params in M as printed); data/published.json must hold exactly these.
+# The HVT, PiT (with DeiT) and HiViT tables (GMACs, params in M as printed); data/published.json holds exactly these.
 EXPECTED_PUBLISHED = {
     'hvt-ti-1': ('0.64', '5.74'), 'hvt-s-0': ('4.57', '22.05'), 'hvt-s-1': ('2.40', '22.09'),
     'hvt-s-2': ('1.94', '22.11'), 'hvt-s-3': ('1.62', '22.11'), 'hvt-s-4': ('1.39', '22.12'),
@@ -30,7 +30,7 @@ EXPECTED_PUBLISHED = {
     'pit-b-distilled': ('12.5', None),
     'hivit-tiny': ('4.60', '19.18'), 'hivit-small': ('9.07', '37.53'), 'hivit-base': ('18.47', '79.05'),
 }
-# exact parameter counts (shared/reference hvt.md 3.3, pit.md 3.1/3.2, hivit.md 2.1)
+# exact parameter counts of the upstream models (MonashAI/HVT, naver-ai/pit, mmpretrain HiViT)
 EXACT_PARAMS = {
     'hvt-ti-1': 5_735_656, 'hvt-s-0': 22_049_896, 'hvt-s-1': 22_087_144, 'hvt-s-2': 22_105_576,
     'hvt-s-3': 22_114_408, 'hvt-s-4': 22_118_632, 'scale-hvt-ti-4': 22_118_632,
@@ -40,8 +40,9 @@ EXACT_PARAMS = {
     'pit-b-distilled': 74_790_096,
     'hivit-tiny': 19_180_900, 'hivit-small': 37_525_696, 'hivit-base': 79_050_792,
 }
-SEED_CONVENTION = {'HVT': 'ptflops', 'DeiT': 'fvcore', 'HiViT': 'fvcore'}
-PUBLISHED = {row.config: row for row in published.load() if row.seed != '003'}  # seed 003: test_expedit_flops.py
+PAPER_CONVENTION = {'HVT': 'ptflops', 'DeiT': 'fvcore', 'HiViT': 'fvcore'}
+# every published row but Expedit-SWAG's (those: tests/test_expedit_flops.py)
+PUBLISHED = {row.config: row for row in published.load() if row.source != 'expedit-swag'}
 MUST_EXIST = [name for name, row in PUBLISHED.items() if row.family in ('HVT', 'DeiT')]
 
 
@@ -52,9 +53,9 @@ def printed_round(exact: int, scale: int, printed: str) -> Decimal:
 
 @pytest.fixture(scope='module')
 def all_rows():
-    """``flops.py --all --json`` once for the whole module, for seeds 000-002 (every config of theirs and every
-    config without a published row counted once); seed 003's SWAG rows are checked in tests/test_expedit_flops.py."""
-    result = run_script(['--all', '--json', '--jobs', '2', '--seed', '000', '--seed', '001', '--seed', '002'],
+    """``flops.py --all --json`` once for the whole module, for HVT, PiT and HiViT (every config of theirs and every
+    config without a published row counted once); Expedit-SWAG's rows are checked in tests/test_expedit_flops.py."""
+    result = run_script(['--all', '--json', '--jobs', '2', '--source', 'hvt', '--source', 'pit', '--source', 'hivit'],
                         script='flops.py', timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout)
@@ -70,17 +71,17 @@ def _run_main(capsys, argv):
 
 # ------------------------------------------------------------------------------------------------ published numbers
 
-def test_published_table_holds_the_seed_numbers():
-    rows = [row for row in published.load() if row.seed != '003']
+def test_published_table_holds_the_papers_numbers():
+    rows = [row for row in published.load() if row.source != 'expedit-swag']
     assert len(rows) == len(PUBLISHED)  # one row per config, no duplicates
     assert {k: (v.gmacs, v.params_m) for k, v in PUBLISHED.items()} == EXPECTED_PUBLISHED
     for name, row in PUBLISHED.items():
-        assert row.source and 'et al.' in row.source and 'seed' not in row.source, name  # papers, not internal refs
+        assert row.source in ('hvt', 'pit', 'hivit') and 'et al.' in row.citation, name   # papers cited
         assert row.convention in counting.CONVENTIONS, name
         assert row.token_reduction is None and row.model is None, name
         assert (row.resolution, row.num_classes) == (224, 1000), name
-        if row.family in SEED_CONVENTION:
-            assert row.convention == SEED_CONVENTION[row.family], name
+        if row.family in PAPER_CONVENTION:
+            assert row.convention == PAPER_CONVENTION[row.family], name
         elif row.family == 'PiT':
             assert row.convention == ('fvcore' if name.endswith('-distilled') else 'pit-paper'), name
 
@@ -114,7 +115,7 @@ def test_published_row_reproduces(all_rows, name):
     if pub.params_m is None:
         assert row['published_params_m'] is None and row['params_match'] is None
     elif name == 'pit-ti':
-        # the seed's 4.9 is 4.847 rounded twice (4.85 -> 4.9); reported as a mismatch, not fudged
+        # the PiT README's 4.9 is 4.847 rounded twice (4.85 -> 4.9); reported as a mismatch, not fudged
         assert printed_round(row['params'], 6, '4.8') == Decimal('4.8')
         assert printed_round(row['params'], 6, '4.85').quantize(Decimal('0.1'), ROUND_HALF_UP) == Decimal('4.9')
         assert row['params_match'] is False
@@ -151,7 +152,7 @@ def test_hvt_needs_the_ptflops_convention(capsys):
     code, out, _ = _run_main(capsys, ['--config', 'config/hvt-s-1.json', '--json', '--convention', 'fvcore'])
     fv = json.loads(out)
     assert fv['convention'] == 'fvcore'
-    # fvcore adds LayerNorm at 5 per element (2 per block, 1 final) -> 2.407 -> "2.41" against the seed's 2.40
+    # fvcore adds LayerNorm at 5 per element (2 per block, 1 final) -> 2.407 -> "2.41" against the HVT README's 2.40
     assert round(fv['macs'] / 1e9, 3) == 2.407 and fv['gmacs_match'] is False
     norm_tokens = 2 * (196 + 11 * 97) + 97  # two norms per block, the final norm
     assert fv['macs'] - default['macs'] == 5 * 384 * norm_tokens
@@ -386,7 +387,7 @@ def _data_file(tmp_path, rows):
 
 def _model_row(**kw):
     row = dict(config=None, model='deit_tiny', token_reduction=None, resolution=32, num_classes=10, family='DeiT',
-               convention='fvcore', gmacs='0.0274', params_m=None, source='test', seed='none', note=None)
+               convention='fvcore', gmacs='0.0274', params_m=None, source='test', note=None)
     return {**row, **kw}
 
 
@@ -416,16 +417,15 @@ def test_a_published_model_row_is_counted_by_all(tmp_path, capsys):
 
 
 def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeypatch):
-    """--token-reduction reaches models.create_model, is reported, and selects the published row of that setting.
-    (The reduction itself is stubbed: the plain model is built and the spec recorded.)"""
+    """--token-reduction reaches models.apply_token_reduction, is reported, and selects the published row of that
+    setting. (The reduction itself is stubbed: the plain model is built and the spec recorded.)"""
     specs = []
-    real = models.create_model
 
-    def create_model(name, token_reduction=None, **kw):
-        specs.append(token_reduction)
-        return real(name, **kw)
+    def apply_token_reduction(model, spec):
+        specs.append(spec)
+        return model
 
-    monkeypatch.setattr(models, 'create_model', create_model)
+    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
     spec = {'method': 'tome', 'r': 2}
     data = _data_file(tmp_path, [_model_row(token_reduction=spec, gmacs='0.0274', convention='ptflops'),
                                  _model_row(gmacs='9.9')])
@@ -439,7 +439,7 @@ def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeyp
     assert row['convention'] == 'ptflops' and row['published_gmacs'] == 0.0274   # the row of that setting
     code, out, _ = _run_main(capsys, ['--config', str(cfg), '--published', data, '--json'])
     row = json.loads(out)
-    assert specs[-1] is None and row['token_reduction'] is None
+    assert specs == [spec] and row['token_reduction'] is None     # the plain model: nothing applied
     assert row['convention'] == 'fvcore' and row['published_gmacs'] == 9.9 and row['gmacs_match'] is False
     assert row['macs'] == DEIT_TI_32
     # a config's own token_reduction, and null on the command line overriding it

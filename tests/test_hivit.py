@@ -27,13 +27,14 @@ import pathlib
 
 import pytest
 import timm
+from timm.layers import DropPath
 from timm.optim import create_optimizer_v2
 import torch
 import torch.nn as nn
 
 import models
 from models.hivit import HiViT, HiViTBlock, PatchMerge, StemBlock, relative_position_index
-from models.layers import DropPath, set_fused_attn
+from models.layers import set_fused_attn
 
 DATA = pathlib.Path(__file__).parent / 'data'
 MMPRETRAIN = DATA / 'hivit_mmpretrain_tiny.pt'

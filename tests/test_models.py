@@ -8,7 +8,7 @@ import models
 from models.hvt import HVT
 from models.layers import set_fused_attn
 
-HVT_PARAMS = {  # shared/reference/hvt.md §1.7, 224 px, 1000 classes
+HVT_PARAMS = {  # the MonashAI/HVT models' exact counts, 224 px, 1000 classes
     'hvt_ti_1': 5_735_656, 'hvt_s_0': 22_049_896, 'hvt_s_1': 22_087_144, 'hvt_s_2': 22_105_576,
     'hvt_s_3': 22_114_408, 'hvt_s_4': 22_118_632, 'scale_hvt_ti_4': 22_118_632}
 HVT_TOKENS = {  # tokens entering blocks 0..11
@@ -27,7 +27,7 @@ def test_hvt_parameter_counts_exact(name):
 
 
 def test_hvt_100_class_counts_match_paperswithcode():
-    # reference hvt.md §3.3: the 21.74M listed for HVT-S-1 is the CIFAR-100-head count
+    # the 21.74M listed for HVT-S-1 (paperswithcode) is the count with a CIFAR-100 head
     assert n_params(models.create_model('hvt_s_1', num_classes=100)) == 21_740_644
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from framework import options
 import models
+import utils
 from utils import UserError
 
 OFFICIAL_HVT_S_2 = {  # config/hvt-s-2.json of MonashAI/HVT, all 13 keys
@@ -174,22 +175,39 @@ def test_token_reduction_config_value_must_be_an_object(tmp_path):
         options.parse_args(['--config', write(tmp_path, {'token_reduction': 'tome'})])
 
 
-def test_builders_pass_token_reduction_to_create_model(monkeypatch):
+def test_builders_create_the_model_then_apply_its_token_reduction(monkeypatch):
     from framework import builders
     calls = []
 
-    def create_model(name, token_reduction=None, **kwargs):
-        calls.append((name, token_reduction, kwargs['img_size'], kwargs['num_classes']))
-        if token_reduction and token_reduction.get('r', 0) > 100:
-            raise ValueError("tome: r must be < 197 tokens, got 500")
+    def create_model(name, **kwargs):
+        calls.append(('create', name, kwargs['img_size'], kwargs['num_classes']))
         return 'model'
 
+    def apply_token_reduction(model, spec):
+        calls.append(('apply', model, spec))
+        if spec.get('r', 0) > 100:
+            raise ValueError("tome: r must be < 197 tokens, got 500")
+        return model
+
     monkeypatch.setattr(models, 'create_model', create_model)
+    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
     spec = {'method': 'tome', 'r': 8}
     args = options.parse_args(['--model', 'deit_tiny', '--token-reduction', json.dumps(spec), '--data-set', 'CIFAR'])
-    builders.build_model(args)
+    assert builders.build_model(args) == 'model'
     builders.build_model(args, num_classes=7, plain=True)
-    assert calls == [('deit_tiny', spec, 224, 100), ('deit_tiny', None, 224, 7)]
+    assert calls == [('create', 'deit_tiny', 224, 100), ('apply', 'model', spec), ('create', 'deit_tiny', 224, 7)]
     args.token_reduction = {'method': 'tome', 'r': 500}
     with pytest.raises(UserError, match=r"cannot build model 'deit_tiny': tome: r must be < 197"):
         builders.build_model(args)
+
+
+def test_cpu_run_caps_workers_and_says_pin_memory_is_off(monkeypatch):
+    monkeypatch.setattr(utils, 'cpu_count', lambda: 2)
+    args = options.parse_args(['--device', 'cpu'])
+    assert options.adapt_to_machine(args) == []         # defaults: capped quietly, no DataLoader warning
+    assert args.num_workers == 2 and args.pin_mem is False
+    args = options.parse_args(['--device', 'cpu', '--num-workers', '8', '--pin-mem'])
+    notes = options.adapt_to_machine(args)
+    assert args.num_workers == 2 and args.pin_mem is False
+    assert any('--num-workers 8' in n and '2 CPUs' in n for n in notes)
+    assert any('--pin-mem has no effect without a CUDA device' in n for n in notes) and len(notes) == 2

@@ -1,11 +1,10 @@
-"""SMYRF (token_reduction.md 3.6): XBOX+ asymmetric LSH, attention inside sorted chunks, rounds by log-sum-exp.
+"""SMYRF (Daras et al., "SMYRF: Efficient Attention using Asymmetric Clustering", NeurIPS 2020): XBOX+ asymmetric LSH,
+attention inside sorted chunks, rounds by log-sum-exp.
 
 The reference loops over images, heads, rounds and chunks with the same seeded projections and must give the model's
 logits, also when N (17) is not a multiple of the cluster sizes; the counted matmuls are upstream's
 (2 · n_hashes · N · k_cluster_size · width per block) whatever N is."""
-import copy
 import math
-import pickle
 
 import pytest
 import torch
@@ -14,20 +13,9 @@ from framework import counting
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.act import e2lsh_projections
 from models.token_reduction.smyrf import chunk_pairs, smyrf_attention
-from models.vit import VisionTransformer
+from vit_reference import meta_vit, seeded_vit
 
 SEED = 5
-
-
-def tiny_vit(depth: int = 3) -> VisionTransformer:
-    """17 tokens (4x4 grid + class), 2 heads of 16; the qkv gain makes attention far from uniform."""
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2,
-                              num_classes=10).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight.mul_(4.0)
-    return model
 
 
 def embed(model, images):
@@ -92,7 +80,7 @@ def reference_logits(model, images, location, n_hashes, q_cluster_size, k_cluste
     (2, 4, 17, 17),    # exact: one chunk
 ])
 def test_smyrf_equals_step_by_step_reference(location, n_hashes, q_size, k_size):
-    model = tiny_vit()
+    model = seeded_vit(depth=3, qkv_gain=4.0)
     images = torch.randn(2, 3, 32, 32)
     apply_token_reduction(model, {'method': 'smyrf', 'location': location, 'n_hashes': n_hashes,
                                   'q_cluster_size': q_size, 'k_cluster_size': k_size, 'seed': SEED})
@@ -103,7 +91,7 @@ def test_smyrf_equals_step_by_step_reference(location, n_hashes, q_size, k_size)
 
 
 def test_one_chunk_is_dense_attention_and_small_chunks_are_not():
-    model = tiny_vit()
+    model = seeded_vit(depth=3, qkv_gain=4.0)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = model(images)
@@ -145,7 +133,7 @@ def test_counted_matmuls_are_upstreams():
     """fvcore MACs: each SMYRF block trades dense attention's 2·N²·width for 2·n_hashes·N·k_cluster_size·width
     (the chunk products, as upstream's flattened chunks count them) plus the two E2LSH projections
     heads·N·(head_dim + 2)·n_hashes each; N = 17 is not a multiple of the cluster size."""
-    model = tiny_vit(depth=4)
+    model = seeded_vit(depth=4, qkv_gain=4.0)
     plain, _ = counting.count_macs(model, 32)
     location, rounds, size, tokens, width, heads = 1, 3, 5, 17, 32, 2
     apply_token_reduction(model, {'method': 'smyrf', 'location': location, 'n_hashes': rounds,
@@ -157,7 +145,7 @@ def test_counted_matmuls_are_upstreams():
 
 
 def test_seed_reproducible_batch_independent_and_random_without_seed():
-    model = tiny_vit()
+    model = seeded_vit(depth=3, qkv_gain=4.0)
     images = torch.randn(3, 3, 32, 32)
     spec = {'method': 'smyrf', 'location': 0, 'n_hashes': 3, 'q_cluster_size': 4, 'k_cluster_size': 4}
     apply_token_reduction(model, {**spec, 'seed': 11})
@@ -171,35 +159,10 @@ def test_seed_reproducible_batch_independent_and_random_without_seed():
         assert not torch.equal(model(images), model(images))
 
 
-def test_round_trip_keys_copy_pickle_and_bf16():
-    model = tiny_vit()
-    plain_keys = list(model.state_dict())
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        plain = model(images)
-    apply_token_reduction(model, {'method': 'smyrf', 'location': 1, 'n_hashes': 4, 'q_cluster_size': 6,
-                                  'k_cluster_size': 6, 'seed': 0})
-    assert list(model.state_dict()) == plain_keys
-    with torch.no_grad():
-        reduced = model(images)
-        copied = copy.deepcopy(model)(images)
-        unpickled = pickle.loads(pickle.dumps(model))(images)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            half = model(images)
-    assert torch.equal(copied, reduced) and torch.equal(unpickled, reduced)
-    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
-    assert (half.float() - reduced).abs().max() < 0.1 * reduced.abs().max()
-    apply_token_reduction(model, None)
-    with torch.no_grad():
-        assert torch.equal(model(images), plain)
-
-
 def test_schedule_and_checks_at_the_real_sizes_without_allocating():
     for img_size, patch, width, depth, tokens, location in ((512, 16, 1024, 24, 1025, 12),
                                                            (518, 14, 1280, 32, 1370, 16)):
-        with torch.device('meta'):
-            model = VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=width, depth=depth,
-                                      num_heads=16)
+        model = meta_vit(img_size, patch, width, depth)
         for size in (64, 32, 16):
             schedule = token_schedule(model, {'method': 'smyrf', 'location': location, 'q_cluster_size': size,
                                               'k_cluster_size': size})
@@ -220,7 +183,7 @@ def test_schedule_and_checks_at_the_real_sizes_without_allocating():
     ({'location': 0, 'seed': -1}, ['seed']), ({'location': 0, 'rounds': 4}, ['rounds']),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_parameter(spec, words):
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=12, num_heads=2)
+    model = seeded_vit(embed_dim=16, depth=12)
     with pytest.raises(ValueError) as error:
         apply_token_reduction(model, {'method': 'smyrf', **spec})
     message = str(error.value)
@@ -228,7 +191,7 @@ def test_bad_specs_are_one_line_errors_naming_the_parameter(spec, words):
     assert model.token_reduction is None
 
 
-def test_create_model_takes_a_smyrf_spec():
-    model = create_model('deit_tiny', img_size=64, token_reduction={'method': 'smyrf', 'location': 6})
+def test_smyrf_spec_defaults_on_deit_tiny():
+    model = apply_token_reduction(create_model('deit_tiny', img_size=64), {'method': 'smyrf', 'location': 6})
     assert model.token_reduction.spec() == {'method': 'smyrf', 'location': 6, 'n_hashes': 32,
                                             'q_cluster_size': 64, 'k_cluster_size': 64, 'seed': None}

@@ -10,15 +10,10 @@ import time
 import pytest
 import torch
 
-from conftest import FAST, REPO, TINY_HVT, run_script
+from conftest import DIGITS, FAST, REPO, TINY_HVT, one_error_line, read_log, run_script
+import utils
 
 DEIT_LOG_KEYS = {'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters'}
-DIGITS = ['--data-set', 'DIGITS']
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.txt')) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope='module')
@@ -202,3 +197,19 @@ def test_mixed_precision_on_cpu(amp, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
     assert (ckpt['scaler'] is not None) == (amp == 'fp16')   # GradScaler only for fp16
+
+
+def test_ctrl_c_ends_with_one_line(tmp_path):
+    cmd = [sys.executable, 'main.py', *TINY_HVT, *FAST, *DIGITS, '--epochs', '50', '--max-steps-per-epoch', '2',
+           '--output_dir', str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / 'checkpoint.pth').is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert 'interrupted' in one_error_line(err)
+    assert not list(tmp_path.glob('*.tmp')) and not (tmp_path / utils.LOCK_NAME).exists()
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] >= 0

@@ -24,6 +24,23 @@ def tiny_vit(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, seed
     return model.eval()
 
 
+def seeded_vit(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, seed=0, qkv_gain=1.0,
+               std=None, qkv_std=None) -> VisionTransformer:
+    """A small ViT in eval mode (10 classes) built after ``torch.manual_seed(seed)``: DeiT's init with the qkv weights
+    times ``qkv_gain`` (queries and keys spread apart), or with ``std`` every parameter redrawn from N(0, std) and the
+    qkv ones from N(0, qkv_std) (concentrated attention)."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                              num_heads=num_heads, num_classes=10).eval()
+    with torch.no_grad():
+        if std is not None:
+            for name, param in model.named_parameters():
+                param.normal_(0, qkv_std if 'qkv' in name else std)
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(qkv_gain)
+    return model
+
+
 def embed(model, images):
     """Patch embedding, class token, position embedding: (B, 3, H, W) -> (B, 1 + HW/p², C)."""
     proj = model.patch_embed.proj
@@ -79,9 +96,9 @@ def plain_forward(model, images):
 
 
 def expedit_gmacs(pairs, embed_dim, num_heads, patch_size, img_size, extra=0, num_classes=1000):
-    """Seed 003's "GFLOPs" of a SWAG ViT in closed form (token_reduction.md §4.2) from the (attention tokens, MLP
-    tokens) of each block: MACs with a linear's bias as one more input, plus LayerNorm 4, softmax 5, GELU, adds,
-    scaling and dropout per element; ``extra`` adds a method's own counted ops."""
+    """Expedit-SWAG's "GFLOPs" of a SWAG ViT in closed form (what its tools/flop_count.py counts) from the (attention
+    tokens, MLP tokens) of each block: MACs with a linear's bias as one more input, plus LayerNorm 4, softmax 5, GELU,
+    adds, scaling and dropout per element; ``extra`` adds a method's own counted ops."""
     D, h = embed_dim, num_heads
     total = 0
     for n, n_mlp in pairs:
