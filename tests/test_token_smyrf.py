@@ -194,4 +194,5 @@ def test_bad_specs_are_one_line_errors_naming_the_parameter(spec, words):
 def test_smyrf_spec_defaults_on_deit_tiny():
     model = apply_token_reduction(create_model('deit_tiny', img_size=64), {'method': 'smyrf', 'location': 6})
     assert model.token_reduction.spec() == {'method': 'smyrf', 'location': 6, 'n_hashes': 32,
-                                            'q_cluster_size': 64, 'k_cluster_size': 64, 'seed': None}
+                                            'q_cluster_size': 64, 'k_cluster_size': 64, 'seed': None,
+                                            'variant': 'original'}

@@ -200,7 +200,7 @@ def ats_run(tmp_path_factory):
 
 
 def full_ats_spec():
-    return {**SPECS['ats'], 'drop_tokens': True}
+    return {**SPECS['ats'], 'drop_tokens': True, 'variant': 'original'}
 
 
 def test_checkpoint_log_and_config_record_the_spec(ats_run):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 
 REQUIRED = object()
 
@@ -350,17 +349,3 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
 def mean_received_attention(attn: torch.Tensor) -> torch.Tensor:
     """Mean attention each token receives from every query, heads averaged: (B, heads, N, N) -> (B, N)."""
     return attn.mean(dim=1).mean(dim=1)
-
-
-def square_side(value: int) -> int:
-    side = math.isqrt(value)
-    return side if side * side == value else -1
-
-
-def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad ``x`` along ``dim`` to ``length``."""
-    missing = length - x.shape[dim]
-    if missing <= 0:
-        return x
-    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, missing]
-    return F.pad(x, pad)

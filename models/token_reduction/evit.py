@@ -100,14 +100,6 @@ class EViT(TokenReduction):
     }
     main_param = 'keep_rate'
 
-    def spec(self):
-        """The full spec; the training-only shrink parameters appear only when shrinking is on (``shrink_epochs`` >
-        0), so an inference spec reads as before."""
-        spec = super().spec()
-        if not self.shrink_epochs:
-            del spec['shrink_start_epoch'], spec['shrink_epochs']
-        return spec
-
     def block_locations(self, depth: int) -> List[int]:
         return list(self.locations) if self.locations is not None else default_locations(depth)
 

@@ -22,8 +22,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..layers import square_grid_side
 from .core import (REQUIRED, Param, TokenReduction, TokenState, _fail, check_block_index, int_param, is_int,
-                   positive_float_param, register_method, square_side)
+                   positive_float_param, register_method)
 
 OUTSIDE_WINDOW = 1e16  # added to the distance of a (centre, token) pair outside the local window, as upstream
 MAX_ITERS = 100      # clustering iterations (upstream: 5)
@@ -109,7 +110,7 @@ def reconstruct_tokens(weights: torch.Tensor, centres: torch.Tensor) -> torch.Te
 
 def _num_clusters_param() -> Param:
     def check(method, name, value):
-        if not (is_int(value) and value >= 1 and square_side(value) > 0):
+        if not (is_int(value) and value >= 1 and square_grid_side(value) is not None):
             _fail(method, name, 'a perfect square h*w >= 1 (e.g. 256 = 16x16)', value)
     return Param(REQUIRED, check)
 
@@ -148,7 +149,7 @@ class Hourglass(TokenReduction):
 
     @property
     def cluster_grid(self) -> Tuple[int, int]:
-        side = square_side(self.num_clusters)
+        side = square_grid_side(self.num_clusters)
         return side, side
 
     def check(self, depth, grid_size):
