@@ -37,14 +37,6 @@ def main(argv=None) -> int:
         if utils.is_main_process():
             print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not options.is_out_of_memory(e):
-            raise
-        if utils.is_main_process():
-            message = options.out_of_memory_message(e, getattr(args, 'batch_size', '?'),
-                                                    getattr(args, 'token_reduction', 'unknown'))
-            print(f'error: {message}', file=sys.stderr, flush=True)
-        return 2
     except KeyboardInterrupt:
         if utils.is_main_process():
             hint = utils.resume_hint(args.output_dir if args else '')
@@ -63,6 +55,14 @@ def main(argv=None) -> int:
             print(f'error: training stopped on every rank: {e}; {kept}. Try a lower --lr, --clip-grad, '
                   f'or --amp bf16/none.', file=sys.stderr, flush=True)
         return 1
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not options.is_out_of_memory(e):
+            raise
+        if utils.is_main_process():
+            message = options.out_of_memory_message(e, getattr(args, 'batch_size', '?'),
+                                                    getattr(args, 'token_reduction', 'unknown'))
+            print(f'error: {message}', file=sys.stderr, flush=True)
+        return 2
     finally:
         claim.release()
         utils.cleanup_distributed()
