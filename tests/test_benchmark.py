@@ -2,8 +2,7 @@
 interleaved --vs comparison, the clean-iteration filter; benchmarks/table.py's plot. No wall-clock limits are
 asserted."""
 import json
-from types import SimpleNamespace
-
+import statistics
 import pytest
 import timm
 import torch
@@ -67,11 +66,11 @@ def test_vs_timm_reports_a_ratio():
     assert vs['ratio'] > 0 and vs['ratio'] == pytest.approx(sorted(vs['ratios'])[0] / 2 + sorted(vs['ratios'])[1] / 2)
 
 
-def _runner(mode, model=None, **kw):
-    args = SimpleNamespace(mode=mode, amp='none', channels_last=False, compile=False, batch_size=2, **kw)
+def _runner(mode, model=None):
+    options = timing.TimingOptions(mode=mode, batch_size=2)
     model = model or models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8,
                                          num_blocks=2, pool_block_width=1)
-    return timing.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000, input_size=32)
+    return timing.Runner('tiny', model, options, torch.device('cpu'), num_classes=1000, input_size=32)
 
 
 def test_train_step_updates_weights_with_adamw():
@@ -128,8 +127,8 @@ def test_measure_interleaves_runs(monkeypatch):
                         dict(wall=1.0, iter_wall=[1.0], iter_cpu=[1.0]))
     a, b = _runner('infer'), _runner('infer')
     a.label, b.label = 'ours', 'theirs'
-    args = SimpleNamespace(warmup=0, repeats=3, iters=1, batch_size=2, clean_ratio=0.9)
-    results = timing.measure([a, b], args)
+    options = timing.TimingOptions(warmup=0, repeats=3, iters=1, batch_size=2)
+    results = timing.measure([a, b], options)
     assert order == ['ours', 'theirs'] * 3
     assert [r['model'] for r in results] == ['ours', 'theirs']
 
@@ -169,6 +168,39 @@ def test_vs_plain_times_the_model_without_token_reduction(tmp_path, monkeypatch,
     assert result['token_reduction'] == spec and result['vs']['name'] == 'plain'
     assert result['vs']['model'] == 'deit_tiny (plain)' and result['vs']['params'] == result['params']
     assert result['vs']['ratio'] == pytest.approx(result['img_per_s']['median'] / result['vs']['img_per_s']['median'])
+
+
+def test_train_vs_plain_records_both_rows_and_the_mac_ratio(capsys):
+    """--mode train --vs plain: training img/s of the reduced and the plain model, interleaved, with forward +
+    backward GMACs (3 x forward) and the MAC ratio computed from the two models' own counts."""
+    spec = {'method': 'tome', 'r': 1}
+    code = benchmark.main(['--config', 'config/deit-ti.json', '--input-size', '64', '--mode', 'train',
+                           '--token-reduction', json.dumps(spec), '--vs', 'plain', '--warmup', '0', '--iters', '1',
+                           '--repeats', '2', '--batch-size', '2', '--json'])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    vs = result['vs']
+    assert result['mode'] == 'train' and result['token_reduction'] == spec and vs['name'] == 'plain'
+    _check_rate(result, 2)
+    _check_rate(vs, 2)
+    reduced = models.create_model('deit_tiny', img_size=64, token_reduction=spec)
+    plain = models.create_model('deit_tiny', img_size=64)
+    reduced_gmacs = round(counting.count_macs(reduced, 64)[0] / 1e9, 4)
+    plain_gmacs = round(counting.count_macs(plain, 64)[0] / 1e9, 4)
+    assert (result['gmacs'], vs['gmacs']) == (reduced_gmacs, plain_gmacs) and reduced_gmacs < plain_gmacs
+    assert result['train_gmacs'] == round(3 * reduced_gmacs, 4) and vs['train_gmacs'] == round(3 * plain_gmacs, 4)
+    assert '3 x forward' in result['train_macs_convention']
+    assert vs['mac_ratio'] == pytest.approx(plain_gmacs / reduced_gmacs)
+    assert vs['ratio'] == pytest.approx(statistics.median(vs['ratios']))
+    assert vs['fraction_of_mac_ratio'] == pytest.approx(vs['ratio'] / vs['mac_ratio'])
+
+
+def test_timing_options_reject_unknown_modes():
+    with pytest.raises(ValueError, match='mode must be one of infer, train'):
+        timing.TimingOptions(mode='fly')
+    with pytest.raises(ValueError, match='amp must be one of'):
+        timing.TimingOptions(amp='fp8')
 
 
 def test_plot_writes_a_png(tmp_path):
