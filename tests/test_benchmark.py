@@ -216,6 +216,25 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_reduction_table_from_json_lines(tmp_path, capsys):
+    """train_speed.sh's JSON lines: one row per setting with the speed-up, the MAC ratio and the fraction."""
+    conditions = dict(mode='train', device_name='cpu', batch_size=32, amp='none', threads=2, input_size=224,
+                      channels_last=False, compile=False, warmup=1, repeats=2, iters=2, torch='2', timm='1')
+    rate = dict(median=10.0, min=9.0, max=11.0, per_repeat=[9.0, 11.0])
+    plain = dict(name='plain', model='deit_small (plain)', img_per_s=dict(median=5.0, min=4.5, max=5.5),
+                 ratio=2.0, ratios=[2.0, 2.0], clean_ratio=None, mac_ratio=2.5, fraction_of_mac_ratio=0.8)
+    record = dict(config='deit-s', model='deit_small', token_reduction={'method': 'tome', 'r': 13},
+                  img_per_s=rate, vs=plain, **conditions)
+    lines = tmp_path / 'train_speed.jsonl'
+    lines.write_text(json.dumps(record) + '\n' + json.dumps({**record, 'token_reduction': {'method': 'evit',
+                                                                                          'keep_rate': 0.7}}) + '\n')
+    assert table.main([str(lines)]) == 0
+    out = capsys.readouterr()[0]
+    assert 'MAC ratio (forward + backward = 3 x forward)' in out
+    assert '| tome | r 13 | 10.0 (9.0-11.0) | 5.0 (4.5-5.5) | 2.00x | 2.50x | 80% | - |' in out
+    assert '| evit | keep_rate 0.7 |' in out
+
+
 def test_plot_into_a_missing_folder_fails_before_reading(tmp_path, capsys):
     code = table.main([str(tmp_path / 'not-read-yet.json'), '--plot', str(tmp_path / 'nope' / 'speed.png')])
     out, err = capsys.readouterr()
