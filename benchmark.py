@@ -18,7 +18,7 @@ mode; training times forward + cross-entropy + backward + AdamW step in train mo
 
 The median, min and max over the runs are reported. On CPU every iteration's wall and process CPU time are also
 recorded: an iteration in which CPU time / wall time < ``--clean-ratio`` x threads did not have all its cores (other
-processes were running) and is left out of the "clean" figure (shared/reference/pit.md section 4). With ``--vs`` the
+processes were running) and is left out of the "clean" figure (``benchmarks/README.md``, Protocol). With ``--vs`` the
 two models alternate run by run (ours, theirs, ours, theirs ...) so both see the same machine state, and the ratio
 ours / theirs is reported per run (median) and on the clean iterations. Each result records the model's GMACs
 (``counting``, fvcore convention, at the measured input size) for the GMACs-vs-img/s plot of ``benchmarks/table.py``;

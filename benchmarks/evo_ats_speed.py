@@ -3,12 +3,13 @@
     python benchmarks/evo_ats_speed.py [--model swag_vit_l16] [--img-size 512] [--batch 1] [--rounds 5] [--threads N]
                                        [--cpu-time] [--spec JSON ...]
 
-Default specs (for the 24 blocks of ViT-L/16; give ``--spec`` for other depths): Evo-ViT (8, 0.4), the seed's fastest row; ATS at block 8 with a budget of 1/4 of the tokens (the
-multi-stage original's regime: random weights keep almost every token at a budget >= N); ATS at block 20 with the
-SWAG tables' budget >= N (random weights: measures the sampler's overhead). Prints the median seconds per forward of
-each, the speed-up, and the MAC ratio of the tokens actually run (attention: 4·n·D² + 2·n²·D, MLP 8·m·D², per block;
-ATS blocks: q·kᵀ and A·V on kept queries only) and the speed-up as a fraction of it. fp32, on the CPU.
-``--cpu-time`` times with the process CPU clock (use with ``--threads 1`` on a machine shared with other jobs).
+Default specs (for the 24 blocks of ViT-L/16; give ``--spec`` for other depths): Evo-ViT (8, 0.4), the seed's
+fastest row; ATS at block 8 with a budget of 1/4 of the tokens (the multi-stage original's regime: random weights
+keep almost every token at a budget >= N); ATS at block 20 with the SWAG tables' budget >= N (random weights:
+measures the sampler's overhead). Prints the median seconds per forward of each, the speed-up, and the MAC ratio of
+the tokens actually run (attention: 4·n·D² + 2·n²·D, MLP 8·m·D², per block; ATS blocks: q·kᵀ and A·V on kept queries
+only) and the speed-up as a fraction of it. fp32, on the CPU. ``--cpu-time`` times with the process CPU clock (use
+with ``--threads 1`` on a machine shared with other jobs).
 """
 import argparse
 import json
@@ -92,7 +93,8 @@ def main():
     for name in names[1:]:
         median = statistics.median(times[name])
         print(f'  {name}\n         median {median:.3f} s  (min {min(times[name]):.3f}, max {max(times[name]):.3f})  '
-              f'speed-up {plain / median:.2f}x, MAC ratio {ratios[name]:.2f}x, {plain / median / ratios[name]:.0%} of it')
+              f'speed-up {plain / median:.2f}x, MAC ratio {ratios[name]:.2f}x, '
+              f'{plain / median / ratios[name]:.0%} of it')
 
 
 if __name__ == '__main__':

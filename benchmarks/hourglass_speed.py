@@ -53,7 +53,8 @@ def main():
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    cfg = builders.load_args(os.path.join(builders.CONFIG_DIR, f'{args.config}.json'), ['--input-size', str(args.img_size)])
+    config_path = os.path.join(builders.CONFIG_DIR, f'{args.config}.json')
+    cfg = builders.load_args(config_path, ['--input-size', str(args.img_size)])
     model = builders.build_model(cfg, plain=True).eval()
     spec = {'method': 'hourglass', 'location': args.location, 'num_clusters': args.clusters}
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)

@@ -5,8 +5,9 @@
 
 A file holding one object (a --vs run) gives a row of the comparison table, or of the token-reduction table when it
 compares a reduced model with its plain self (``--vs plain``: speed-up, MAC ratio, speed-up as a fraction of it); a
-``.jsonl`` file holds such objects one a line; a file holding a list (--all) gives the per-config table. Conditions (device, threads, batch, amp, versions) are printed above each table. ``--plot`` draws
-every measured model of the files: its GMACs (recorded by benchmark.py) against its median img/s.
+``.jsonl`` file holds such objects one a line; a file holding a list (--all) gives the per-config table. Conditions
+(device, threads, batch, amp, versions) are printed above each table. ``--plot`` draws every measured model of the
+files: its GMACs (recorded by benchmark.py) against its median img/s.
 """
 import argparse
 import json

@@ -44,6 +44,7 @@ for item in "${SETTINGS[@]}"; do
   [[ -n ${ONLY:-} && $tag != ${ONLY}* ]] && continue
   echo "measuring $tag: $spec" >&2
   "$PY" benchmark.py "${COMMON[@]}" --token-reduction "$spec" > "$OUT/$tag.json"
-  "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$OUT/$tag.json" >> "$OUT/train_speed.jsonl"
+  "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$OUT/$tag.json" \
+      >> "$OUT/train_speed.jsonl"
 done
 "$PY" benchmarks/table.py "$OUT/train_speed.jsonl" | tee "$OUT/train_speed.md"

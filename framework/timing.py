@@ -5,8 +5,8 @@
 
 ``measure`` warms every runner up (``warmup`` untimed iterations, then a device sync), then alternates ``repeats``
 timed runs of ``iters`` iterations; img/s of a run = batch x iters / wall time, with ``torch.cuda.synchronize`` before
-and after each run on CUDA. Seed 003's protocol (ToMe's ``benchmark``: 50 runs, the first 12 discarded as warm-up) is
-``warmup=12, iters=38, repeats=1``.
+and after each run on CUDA. The Expedit-SWAG tables' protocol (ToMe's ``benchmark``: 50 runs, the first 12
+discarded as warm-up) is ``warmup=12, iters=38, repeats=1``.
 """
 import os
 import platform

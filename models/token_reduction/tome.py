@@ -17,15 +17,17 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Tuple[torch.Tensor,
     """Match ``metric`` (B, N, C) tokens, class token (index 0) protected; r is capped at (N - 1) // 2.
 
     Returns (kept_even, merged_even, their_odd_match): (B, N_even - r), (B, r), (B, r) indices into the even and odd
-    halves. Kept even tokens stay in their original order, so the class token stays first."""
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    even, odd = metric[:, ::2], metric[:, 1::2]
-    scores = even @ odd.transpose(-1, -2)
-    scores[:, 0, :] = -torch.inf
-    best_score, best_odd = scores.max(dim=-1)
-    order = best_score.argsort(dim=-1, descending=True)
-    merged_even, kept_even = order[:, :r], order[:, r:].sort(dim=-1).values
-    return kept_even, merged_even, best_odd.gather(1, merged_even)
+    halves. Kept even tokens stay in their original order, so the class token stays first. Only indices come out, so
+    the matching runs without autograd, as upstream's (in training no graph is recorded for it)."""
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        even, odd = metric[:, ::2], metric[:, 1::2]
+        scores = even @ odd.transpose(-1, -2)
+        scores[:, 0, :] = -torch.inf
+        best_score, best_odd = scores.max(dim=-1)
+        order = best_score.argsort(dim=-1, descending=True)
+        merged_even, kept_even = order[:, :r], order[:, r:].sort(dim=-1).values
+        return kept_even, merged_even, best_odd.gather(1, merged_even)
 
 
 def merge_tokens(x: torch.Tensor, kept_even: torch.Tensor, merged_even: torch.Tensor,
