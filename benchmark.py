@@ -24,7 +24,9 @@ ours / theirs is reported per run (median) and on the clean iterations. Each res
 (``counting``, fvcore convention, at the measured input size) for the GMACs-vs-img/s plot of ``benchmarks/table.py``;
 training records add ``train_gmacs`` = 3 x GMACs (forward + backward, the backward counted as twice the forward). With
 ``--vs`` the record also holds ``mac_ratio`` = reference GMACs / ours (the speed-up the MACs predict, the same for
-forward and forward + backward under that convention) and the measured speed-up as a fraction of it.
+forward and forward + backward under that convention) and the measured speed-up as a fraction of it. On CPU each
+result also has ``cpu_time`` (images per process CPU second) and ``--vs`` its ratio ``cpu_time_ratio``: on a machine
+shared with other jobs, with ``--threads 1``, the comparison that contention does not distort.
 """
 import argparse
 import json
@@ -108,18 +110,24 @@ def add_train_macs(result: dict) -> None:
 
 
 def compare(ours: dict, vs: dict) -> dict:
-    """Speed-up of ours over vs (per run and on clean iterations), and the MAC ratio it can be held against:
-    vs GMACs / our GMACs (the same for forward and forward + backward under ``TRAIN_MACS_CONVENTION``) and the
-    speed-up as a fraction of it."""
+    """Speed-up of ours over vs (per run, on clean iterations and, on CPU, per process CPU second: the median of the
+    per-run ratios of img per CPU second, which other processes on the machine barely move with --threads 1), and the
+    MAC ratio it can be held against: vs GMACs / our GMACs (the same for forward and forward + backward under
+    ``TRAIN_MACS_CONVENTION``) and both speed-ups as a fraction of it."""
     ratios = [a / b for a, b in zip(ours['img_per_s']['per_repeat'], vs['img_per_s']['per_repeat'])]
     clean_ratio = None
     if ours.get('clean') and vs.get('clean') and ours['clean']['img_per_s_median'] and \
             vs['clean']['img_per_s_median']:
         clean_ratio = ours['clean']['img_per_s_median'] / vs['clean']['img_per_s_median']
+    cpu_time_ratio = None
+    if ours.get('cpu_time') and vs.get('cpu_time'):
+        cpu_time_ratio = statistics.median(a / b for a, b in zip(ours['cpu_time']['per_repeat'],
+                                                                  vs['cpu_time']['per_repeat']))
     ratio = statistics.median(ratios)
     mac_ratio = vs['gmacs'] / ours['gmacs'] if ours.get('gmacs') and vs.get('gmacs') else None
-    return dict(ratio=ratio, ratios=ratios, clean_ratio=clean_ratio, mac_ratio=mac_ratio,
-                fraction_of_mac_ratio=ratio / mac_ratio if mac_ratio else None)
+    return dict(ratio=ratio, ratios=ratios, clean_ratio=clean_ratio, cpu_time_ratio=cpu_time_ratio,
+                mac_ratio=mac_ratio, fraction_of_mac_ratio=ratio / mac_ratio if mac_ratio else None,
+                cpu_time_fraction_of_mac_ratio=cpu_time_ratio / mac_ratio if mac_ratio and cpu_time_ratio else None)
 
 
 def benchmark(config_path: str, options: TimingOptions, device: torch.device, overrides=(),
@@ -176,10 +184,14 @@ def format_result(r: dict) -> str:
         clean = f", clean {v['clean_ratio']:.3f}" if v.get('clean_ratio') else ''
         per_run = ', '.join(f'{x:.3f}' for x in v['ratios'])
         lines.append(f"  ratio ours / vs: median {v['ratio']:.3f} (per run {per_run}){clean}")
+        if v.get('cpu_time_ratio'):
+            lines.append(f"  ratio ours / vs per process CPU second: median {v['cpu_time_ratio']:.3f}")
         if v.get('mac_ratio'):
             what = 'forward + backward GMACs' if r['mode'] == 'train' else 'GMACs'
+            cpu = (f", by CPU time {v['cpu_time_fraction_of_mac_ratio']:.0%}"
+                   if v.get('cpu_time_fraction_of_mac_ratio') else '')
             lines.append(f"  {what} ratio vs / ours {v['mac_ratio']:.3f}: the speed-up is "
-                         f"{v['fraction_of_mac_ratio']:.0%} of it")
+                         f"{v['fraction_of_mac_ratio']:.0%} of it{cpu}")
     mem = r.get('peak_memory_mb')
     if mem is not None:
         kind = 'CUDA max_memory_allocated' if r['peak_memory_kind'].startswith('cuda') else 'peak RSS of the process'

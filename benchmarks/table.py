@@ -62,8 +62,8 @@ def reduction_table(rows) -> str:
     macs = 'MAC ratio (forward + backward = 3 x forward)' if train else 'MAC ratio'
     lines = [f'Conditions: {_conditions(rows[0])}', '',
              f'| method | setting | reduced img/s median (min-max) | plain img/s | speed-up (median of runs) | {macs} '
-             f'| speed-up / MAC ratio | clean speed-up |',
-             '|---|---|---|---|---|---|---|---|']
+             f'| speed-up / MAC ratio | clean speed-up | speed-up per CPU second | its / MAC ratio |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         v = r['vs']
         spec = dict(r['token_reduction'])
@@ -71,7 +71,8 @@ def reduction_table(rows) -> str:
         setting = ', '.join(f'{k} {json.dumps(value)}' for k, value in spec.items())
         lines.append(f"| {method} | {setting} | {_rate(r)} | {_rate(v)} | {v['ratio']:.2f}x | "
                      f"{_times(v.get('mac_ratio'))} | {_percent(v.get('fraction_of_mac_ratio'))} | "
-                     f"{_times(v.get('clean_ratio'))} |")
+                     f"{_times(v.get('clean_ratio'))} | {_times(v.get('cpu_time_ratio'))} | "
+                     f"{_percent(v.get('cpu_time_fraction_of_mac_ratio'))} |")
     return '\n'.join(lines)
 
 

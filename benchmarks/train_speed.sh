@@ -12,6 +12,7 @@
 # $OUT/train_speed.md (the markdown table, also printed).
 # Knobs (environment): PY, OUT, CONFIG, DEVICE (cpu | cuda), AMP (none | bf16 | fp16), BATCH, THREADS (CPU only),
 # ITERS, REPEATS, WARMUP, ONLY (a setting name prefix). GPU: DEVICE=cuda AMP=bf16 BATCH=256 benchmarks/train_speed.sh
+# On a machine shared with other jobs use THREADS=1 and read the "speed-up per CPU second" column.
 # Run it on an otherwise idle machine: the "clean" columns keep only CPU iterations that had all their cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -185,8 +185,11 @@ def summarize(runs: List[dict], batch: int, iters: int, threads: int, clean_rati
         out['clean'] = dict(min_cpu_wall_ratio=round(threshold, 3), iters_kept=len(kept), iters_total=len(walls),
                             cpu_wall_ratio_median=statistics.median(c / w for w, c in zip(walls, cpus)),
                             img_per_s_median=batch / statistics.median(kept) if kept else None)
+        # images per second of process CPU time: what the run cost the cores it had, whatever else was running
+        cpu_rates = [batch * len(r['iter_cpu']) / sum(r['iter_cpu']) for r in runs]
+        out['cpu_time'] = dict(img_per_cpu_s_median=statistics.median(cpu_rates), per_repeat=cpu_rates)
     else:
-        out['clean'] = None
+        out['clean'] = out['cpu_time'] = None
     return out
 
 

@@ -117,8 +117,11 @@ def test_clean_filter_keeps_iterations_with_all_cores():
     assert s['clean']['min_cpu_wall_ratio'] == 1.8
     assert (s['clean']['iters_kept'], s['clean']['iters_total']) == (3, 5)  # 2.0/1, 1.9/1, 0.95/0.5
     assert s['clean']['img_per_s_median'] == pytest.approx(4 / 1.0)
+    # images per process CPU second, per run: 4 x 3 / 4.9 and 4 x 2 / 2.45
+    assert s['cpu_time']['per_repeat'] == pytest.approx([12 / 4.9, 8 / 2.45])
+    assert s['cpu_time']['img_per_cpu_s_median'] == pytest.approx((12 / 4.9 + 8 / 2.45) / 2)
     cuda_like = timing.summarize([dict(wall=1.0, iter_wall=[], iter_cpu=[])], 8, 2, 1, 0.9)
-    assert cuda_like['clean'] is None and cuda_like['img_per_s']['median'] == 16.0
+    assert cuda_like['clean'] is None and cuda_like['cpu_time'] is None and cuda_like['img_per_s']['median'] == 16.0
 
 
 def test_measure_interleaves_runs(monkeypatch):
@@ -194,6 +197,9 @@ def test_train_vs_plain_records_both_rows_and_the_mac_ratio(capsys):
     assert vs['mac_ratio'] == pytest.approx(plain_gmacs / reduced_gmacs)
     assert vs['ratio'] == pytest.approx(statistics.median(vs['ratios']))
     assert vs['fraction_of_mac_ratio'] == pytest.approx(vs['ratio'] / vs['mac_ratio'])
+    cpu_ratios = [a / b for a, b in zip(result['cpu_time']['per_repeat'], vs['cpu_time']['per_repeat'])]
+    assert vs['cpu_time_ratio'] == pytest.approx(statistics.median(cpu_ratios))
+    assert vs['cpu_time_fraction_of_mac_ratio'] == pytest.approx(vs['cpu_time_ratio'] / vs['mac_ratio'])
 
 
 def test_timing_options_reject_unknown_modes():
@@ -231,7 +237,7 @@ def test_reduction_table_from_json_lines(tmp_path, capsys):
     assert table.main([str(lines)]) == 0
     out = capsys.readouterr()[0]
     assert 'MAC ratio (forward + backward = 3 x forward)' in out
-    assert '| tome | r 13 | 10.0 (9.0-11.0) | 5.0 (4.5-5.5) | 2.00x | 2.50x | 80% | - |' in out
+    assert '| tome | r 13 | 10.0 (9.0-11.0) | 5.0 (4.5-5.5) | 2.00x | 2.50x | 80% | - | - | - |' in out
     assert '| evit | keep_rate 0.7 |' in out
 
 
