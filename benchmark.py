@@ -4,6 +4,7 @@
     python benchmark.py --config config/deit-s.json --vs timm:deit_small_patch16_224     # same process, interleaved
     python benchmark.py --config config/hvt-s-1.json --vs config/deit-s.json             # two of our configs
     python benchmark.py --config C --token-reduction '{"method": "tome", "r": 8}' --vs plain   # reduced vs plain
+    python benchmark.py --config C --token-reduction J --vs plain --mode train                # the same, training
     python benchmark.py --all --iters 3 --repeats 3 --json > all.json                    # every config
     python benchmarks/table.py all.json --plot speed.png                                 # GMACs vs img/s
 
@@ -17,10 +18,15 @@ mode; training times forward + cross-entropy + backward + AdamW step in train mo
 
 The median, min and max over the runs are reported. On CPU every iteration's wall and process CPU time are also
 recorded: an iteration in which CPU time / wall time < ``--clean-ratio`` x threads did not have all its cores (other
-processes were running) and is left out of the "clean" figure (shared/reference/pit.md section 4). With ``--vs`` the
+processes were running) and is left out of the "clean" figure (``benchmarks/README.md``, Protocol). With ``--vs`` the
 two models alternate run by run (ours, theirs, ours, theirs ...) so both see the same machine state, and the ratio
 ours / theirs is reported per run (median) and on the clean iterations. Each result records the model's GMACs
-(``counting``, fvcore convention, at the measured input size) for the GMACs-vs-img/s plot of ``benchmarks/table.py``.
+(``counting``, fvcore convention, at the measured input size) for the GMACs-vs-img/s plot of ``benchmarks/table.py``;
+training records add ``train_gmacs`` = 3 x GMACs (forward + backward, the backward counted as twice the forward). With
+``--vs`` the record also holds ``mac_ratio`` = reference GMACs / ours (the speed-up the MACs predict, the same for
+forward and forward + backward under that convention) and the measured speed-up as a fraction of it. On CPU each
+result also has ``cpu_time`` (images per process CPU second) and ``--vs`` its ratio ``cpu_time_ratio``: on a machine
+shared with other jobs, with ``--threads 1``, the comparison that contention does not distort.
 """
 import argparse
 import json
@@ -33,10 +39,14 @@ import torch
 import torch.nn as nn
 
 from framework import builders, options
-from framework.timing import AMP_DTYPES, Runner, conditions, measure, peak_rss_mb
+from framework.timing import AMP_DTYPES, MODES, Runner, TimingOptions, conditions, measure, peak_rss_mb
 from utils import ArgumentParser, UserError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+# training MACs per image under the convention of the training records: forward + backward, the backward counted as
+# twice the forward (the gradients of the inputs and of the weights of every matmul)
+TRAIN_MACS_FACTOR = 3
+TRAIN_MACS_CONVENTION = 'forward + backward = 3 x forward GMACs (fvcore convention, batch 1)'
 
 
 # -------------------------------------------------------------------------------------------------------------- models
@@ -87,27 +97,62 @@ def build_vs(spec: str, cfg, num_classes: int):
 
 # ---------------------------------------------------------------------------------------------------------- benchmarks
 
-def benchmark(config_path: str, args, device: torch.device, overrides=()) -> dict:
+def timing_options(args) -> TimingOptions:
+    return TimingOptions(mode=args.mode, batch_size=args.batch_size, amp=args.amp, channels_last=args.channels_last,
+                         compile=args.compile, warmup=args.warmup, iters=args.iters, repeats=args.repeats,
+                         clean_ratio=args.clean_ratio)
+
+
+def add_train_macs(result: dict) -> None:
+    """Training GMACs per image beside the forward ones (see ``TRAIN_MACS_CONVENTION``)."""
+    gmacs = result.get('gmacs')
+    result['train_gmacs'] = None if gmacs is None else round(TRAIN_MACS_FACTOR * gmacs, 4)
+
+
+def compare(ours: dict, vs: dict) -> dict:
+    """Speed-up of ours over vs (per run, on clean iterations and, on CPU, per process CPU second: the median of the
+    per-run ratios of img per CPU second, which other processes on the machine barely move with --threads 1), and the
+    MAC ratio it can be held against: vs GMACs / our GMACs (the same for forward and forward + backward under
+    ``TRAIN_MACS_CONVENTION``) and both speed-ups as a fraction of it."""
+    ratios = [a / b for a, b in zip(ours['img_per_s']['per_repeat'], vs['img_per_s']['per_repeat'])]
+    clean_ratio = None
+    if ours.get('clean') and vs.get('clean') and ours['clean']['img_per_s_median'] and \
+            vs['clean']['img_per_s_median']:
+        clean_ratio = ours['clean']['img_per_s_median'] / vs['clean']['img_per_s_median']
+    cpu_time_ratio = None
+    if ours.get('cpu_time') and vs.get('cpu_time'):
+        cpu_time_ratio = statistics.median(a / b for a, b in zip(ours['cpu_time']['per_repeat'],
+                                                                  vs['cpu_time']['per_repeat']))
+    ratio = statistics.median(ratios)
+    mac_ratio = vs['gmacs'] / ours['gmacs'] if ours.get('gmacs') and vs.get('gmacs') else None
+    return dict(ratio=ratio, ratios=ratios, clean_ratio=clean_ratio, cpu_time_ratio=cpu_time_ratio,
+                mac_ratio=mac_ratio, fraction_of_mac_ratio=ratio / mac_ratio if mac_ratio else None,
+                cpu_time_fraction_of_mac_ratio=cpu_time_ratio / mac_ratio if mac_ratio and cpu_time_ratio else None)
+
+
+def benchmark(config_path: str, options: TimingOptions, device: torch.device, overrides=(),
+              vs_spec: Optional[str] = None) -> dict:
+    """One config (and with ``vs_spec`` its reference, interleaved): the JSON record of the measurement."""
     cfg, model = build_ours(config_path, overrides)
     num_classes = getattr(model, 'num_classes', 1000)
-    runners = [Runner(cfg.model, model, args, device, num_classes, cfg.input_size)]
-    if args.vs:
-        label, vs_model = build_vs(args.vs, cfg, num_classes)
-        runners.append(Runner(label, vs_model, args, device, num_classes, cfg.input_size))
-    results = measure(runners, args)
+    runners = [Runner(cfg.model, model, options, device, num_classes, cfg.input_size)]
+    if vs_spec:
+        label, vs_model = build_vs(vs_spec, cfg, num_classes)
+        runners.append(Runner(label, vs_model, options, device, num_classes, cfg.input_size))
+    results = measure(runners, options)
+    if options.mode == 'train':
+        for result in results:
+            add_train_macs(result)
     ours = results[0]
     out = dict(config=os.path.splitext(os.path.basename(config_path))[0], config_path=config_path,
-               token_reduction=cfg.token_reduction, **ours, **conditions(args, device, cfg.input_size))
+               token_reduction=cfg.token_reduction, **ours, **conditions(options, device, cfg.input_size))
+    if options.mode == 'train':
+        out['train_macs_convention'] = TRAIN_MACS_CONVENTION
     if device.type == 'cpu':
         out.update(peak_memory_mb=round(peak_rss_mb(), 1), peak_memory_kind='cpu_peak_rss_process')
-    if args.vs:
+    if vs_spec:
         vs = results[1]
-        ratios = [a / b for a, b in zip(ours['img_per_s']['per_repeat'], vs['img_per_s']['per_repeat'])]
-        clean_ratio = None
-        if ours.get('clean') and vs.get('clean') and ours['clean']['img_per_s_median'] and \
-                vs['clean']['img_per_s_median']:
-            clean_ratio = ours['clean']['img_per_s_median'] / vs['clean']['img_per_s_median']
-        vs.update(name=args.vs, ratio=statistics.median(ratios), ratios=ratios, clean_ratio=clean_ratio)
+        vs.update(name=vs_spec, **compare(ours, vs))
         out['vs'] = vs
     return out
 
@@ -139,6 +184,14 @@ def format_result(r: dict) -> str:
         clean = f", clean {v['clean_ratio']:.3f}" if v.get('clean_ratio') else ''
         per_run = ', '.join(f'{x:.3f}' for x in v['ratios'])
         lines.append(f"  ratio ours / vs: median {v['ratio']:.3f} (per run {per_run}){clean}")
+        if v.get('cpu_time_ratio'):
+            lines.append(f"  ratio ours / vs per process CPU second: median {v['cpu_time_ratio']:.3f}")
+        if v.get('mac_ratio'):
+            what = 'forward + backward GMACs' if r['mode'] == 'train' else 'GMACs'
+            cpu = (f", by CPU time {v['cpu_time_fraction_of_mac_ratio']:.0%}"
+                   if v.get('cpu_time_fraction_of_mac_ratio') else '')
+            lines.append(f"  {what} ratio vs / ours {v['mac_ratio']:.3f}: the speed-up is "
+                         f"{v['fraction_of_mac_ratio']:.0%} of it{cpu}")
     mem = r.get('peak_memory_mb')
     if mem is not None:
         kind = 'CUDA max_memory_allocated' if r['peak_memory_kind'].startswith('cuda') else 'peak RSS of the process'
@@ -156,7 +209,7 @@ def get_parser() -> argparse.ArgumentParser:
     what.add_argument('--config', help='JSON config')
     what.add_argument('--all', action='store_true', help='every config in --config-dir')
     p.add_argument('--config-dir', '--config_dir', default=builders.CONFIG_DIR, help='where --all looks')
-    p.add_argument('--mode', default='infer', help='infer | train')
+    p.add_argument('--mode', default='infer', help='infer | train (forward, backward, AdamW step)')
     p.add_argument('--batch-size', '--batch_size', type=int, default=None, help='default: 32 on CPU, 128 on CUDA')
     p.add_argument('--input-size', '--input_size', type=int, default=None, help="default: the config's, else the "
                                                                                  "model's")
@@ -181,7 +234,7 @@ def get_parser() -> argparse.ArgumentParser:
 def _check(args) -> torch.device:
     if not args.all and not args.config:
         raise UserError('give --config PATH or --all')
-    if args.mode not in ('infer', 'train'):
+    if args.mode not in MODES:
         raise UserError(f"--mode must be infer or train, got '{args.mode}'")
     if args.amp not in AMP_DTYPES:
         raise UserError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got '{args.amp}'")
@@ -210,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = get_parser().parse_args(argv)
         device = _check(args)
+        options = timing_options(args)
         overrides = [] if args.input_size is None else ['--input-size', str(args.input_size)]
         if 'token_reduction' in vars(args):
             overrides += ['--token-reduction', json.dumps(args.token_reduction)]
@@ -217,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results = []
             for path in builders.config_files(args.config_dir):
                 try:
-                    results.append(benchmark(path, args, device, overrides))
+                    results.append(benchmark(path, options, device, overrides))
                 except UserError as e:
                     results.append(dict(config=os.path.splitext(os.path.basename(path))[0], config_path=path,
                                         error=str(e)))
@@ -226,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # with --json, stdout holds only the JSON list; progress goes to stderr
                 print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
         else:
-            results = [benchmark(args.config, args, device, overrides)]
+            results = [benchmark(args.config, options, device, overrides, args.vs)]
             if not args.json:
                 print(format_result(results[0]))
     except UserError as e:

@@ -141,8 +141,8 @@ def count_gflops(model, input_size: int, convention: str) -> Optional[float]:
 
 def time_model(model, device: torch.device, input_size: int, num_classes: int, batch_size: int, study) -> dict:
     """Median img/s at ``batch_size`` with the shared timing protocol (warm-up, timed runs, device sync)."""
-    settings = SimpleNamespace(mode='infer', amp='none', channels_last=False, compile=False, batch_size=batch_size,
-                               warmup=study.warmup, iters=study.iters, repeats=study.repeats, clean_ratio=0.9)
+    settings = timing.TimingOptions(mode='infer', batch_size=batch_size, warmup=study.warmup, iters=study.iters,
+                                    repeats=study.repeats)
     runner = timing.Runner('model', model, settings, device, num_classes, input_size, count_macs=False)
     return timing.measure([runner], settings)[0]
 

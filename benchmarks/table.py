@@ -1,10 +1,13 @@
 """Markdown tables, and a GMACs-vs-img/s plot, from benchmark.py --json outputs.
 
     python benchmarks/table.py benchmarks/results/cpu/*.json [--plot speed.png]
+    python benchmarks/table.py benchmarks/results/train_speed_cpu/train_speed.jsonl
 
-A file holding one object (a --vs run) gives a row of the comparison table; a file holding a list (--all) gives the
-per-config table. Conditions (device, threads, batch, amp, versions) are printed above each table. ``--plot`` draws
-every measured model of the files: its GMACs (recorded by benchmark.py) against its median img/s.
+A file holding one object (a --vs run) gives a row of the comparison table, or of the token-reduction table when it
+compares a reduced model with its plain self (``--vs plain``: speed-up, MAC ratio, speed-up as a fraction of it); a
+``.jsonl`` file holds such objects one a line; a file holding a list (--all) gives the per-config table. Conditions
+(device, threads, batch, amp, versions) are printed above each table. ``--plot`` draws every measured model of the
+files: its GMACs (recorded by benchmark.py) against its median img/s.
 """
 import argparse
 import json
@@ -42,6 +45,34 @@ def vs_table(rows) -> str:
         clean_ratio = f"{v['clean_ratio']:.3f}" if v.get('clean_ratio') else '-'
         lines.append(f"| {r['config']} ({r['model']}) | {v['name']} | {_rate(r)} | {_rate(v)} | {v['ratio']:.3f} "
                      f"| {_clean(r)} | {_clean(v)} | {clean_ratio} |")
+    return '\n'.join(lines)
+
+
+def _percent(value) -> str:
+    return f'{value:.0%}' if value is not None else '-'
+
+
+def _times(value) -> str:
+    return f'{value:.2f}x' if value is not None else '-'
+
+
+def reduction_table(rows) -> str:
+    """One row per token-reduction setting measured against the plain model (benchmark.py --vs plain)."""
+    train = rows[0]['mode'] == 'train'
+    macs = 'MAC ratio (forward + backward = 3 x forward)' if train else 'MAC ratio'
+    lines = [f'Conditions: {_conditions(rows[0])}', '',
+             f'| method | setting | reduced img/s median (min-max) | plain img/s | speed-up (median of runs) | {macs} '
+             f'| speed-up / MAC ratio | clean speed-up | speed-up per CPU second | its / MAC ratio |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        v = r['vs']
+        spec = dict(r['token_reduction'])
+        method = spec.pop('method')
+        setting = ', '.join(f'{k} {json.dumps(value)}' for k, value in spec.items())
+        lines.append(f"| {method} | {setting} | {_rate(r)} | {_rate(v)} | {v['ratio']:.2f}x | "
+                     f"{_times(v.get('mac_ratio'))} | {_percent(v.get('fraction_of_mac_ratio'))} | "
+                     f"{_times(v.get('clean_ratio'))} | {_times(v.get('cpu_time_ratio'))} | "
+                     f"{_percent(v.get('cpu_time_fraction_of_mac_ratio'))} |")
     return '\n'.join(lines)
 
 
@@ -100,6 +131,15 @@ def plot(results: List[dict], path: str) -> None:
     plt.close(fig)
 
 
+def read(path: str):
+    """The records of a benchmark.py --json output: an object, a list, or (``.jsonl``) one object a line."""
+    with open(path) as f:
+        if path.endswith('.jsonl'):
+            return [json.loads(line) for line in f if line.strip()], False
+        data = json.load(f)
+    return (data, True) if isinstance(data, list) else ([data], False)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description='Markdown tables (and a plot) from benchmark.py --json files.')
     parser.add_argument('paths', nargs='+', help='benchmark.py --json outputs')
@@ -112,14 +152,17 @@ def main(argv=None) -> int:
     single, lists = [], []
     for path in args.paths:
         try:
-            with open(path) as f:
-                data = json.load(f)
+            records, is_list = read(path)
         except (OSError, json.JSONDecodeError) as e:
             print(f'error: cannot read {path}: {e}', file=sys.stderr)
             return 2
-        (lists.extend(data) if isinstance(data, list) else single.append(data))
-    if single:
-        print(vs_table(single))
+        (lists if is_list else single).extend(records)
+    reduced = [r for r in single if r['vs']['name'] == 'plain' and r.get('token_reduction')]
+    others = [r for r in single if r not in reduced]
+    if reduced:
+        print(reduction_table(reduced))
+    if others:
+        print(vs_table(others))
     if lists:
         print()
         print(all_table(lists))

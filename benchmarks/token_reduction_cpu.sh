@@ -2,7 +2,8 @@
 # CPU speed-ups of the token-reduction methods over the plain model (issue tables in README "Token reduction"):
 # benchmark.py --token-reduction SPEC --vs plain, SWAG ViT-L/16 at 512 px (random weights), batch 1, fp32, 2 threads,
 # the reduced and the plain model timed interleaved in one process. One JSON per setting in $OUT; the ratio is
-# reduced img/s / plain img/s (`vs.ratio` in the JSON), to compare with the GFLOPs ratio of seed 003's table.
+# reduced img/s / plain img/s (`vs.ratio` in the JSON), to compare with the GFLOPs ratio of the Expedit-SWAG tables
+# (data/published.json) or with `vs.mac_ratio` (our own GMACs count).
 # Knobs (environment): PY, OUT, CONFIG, THREADS, BATCH, ITERS, REPEATS, WARMUP, DEVICE (cpu | cuda), AMP (none |
 # bf16 | fp16), ONLY (a method name). On a GPU: DEVICE=cuda BATCH=256 AMP=bf16 (and BATCH=1 for FPS).
 # Run it on an otherwise idle machine (a plain L/16 forward at 512 is ~365 GFLOPs: seconds per image on 2 cores).

@@ -5,8 +5,8 @@
 
 ``measure`` warms every runner up (``warmup`` untimed iterations, then a device sync), then alternates ``repeats``
 timed runs of ``iters`` iterations; img/s of a run = batch x iters / wall time, with ``torch.cuda.synchronize`` before
-and after each run on CUDA. Seed 003's protocol (ToMe's ``benchmark``: 50 runs, the first 12 discarded as warm-up) is
-``warmup=12, iters=38, repeats=1``.
+and after each run on CUDA. The Expedit-SWAG tables' protocol (ToMe's ``benchmark``: 50 runs, the first 12
+discarded as warm-up) is ``warmup=12, iters=38, repeats=1``.
 """
 import os
 import platform
@@ -14,6 +14,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -24,6 +25,29 @@ from engine import autocast
 from framework import counting
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
+MODES = ('infer', 'train')
+
+
+@dataclass
+class TimingOptions:
+    """How a measurement runs. ``mode``: ``infer`` (forward under ``inference_mode``, eval mode) or ``train`` (forward,
+    cross-entropy, backward, AdamW step, train mode); ``amp``: a key of :data:`AMP_DTYPES`; ``clean_ratio``: on CPU an
+    iteration is clean when process CPU time / wall time >= clean_ratio x threads."""
+    mode: str = 'infer'
+    batch_size: int = 32
+    amp: str = 'none'
+    channels_last: bool = False
+    compile: bool = False
+    warmup: int = 3
+    iters: int = 10
+    repeats: int = 5
+    clean_ratio: float = 0.9
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------- conditions
@@ -47,12 +71,12 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def conditions(args, device: torch.device, input_size: int) -> dict:
+def conditions(options: TimingOptions, device: torch.device, input_size: int) -> dict:
     import timm
-    return dict(mode=args.mode, device=str(device), device_name=device_name(device), dtype='float32',
-                amp=args.amp, batch_size=args.batch_size, input_size=input_size,
-                threads=torch.get_num_threads(), channels_last=args.channels_last, compile=args.compile,
-                warmup=args.warmup, iters=args.iters, repeats=args.repeats, torch=torch.__version__,
+    return dict(mode=options.mode, device=str(device), device_name=device_name(device), dtype='float32',
+                amp=options.amp, batch_size=options.batch_size, input_size=input_size,
+                threads=torch.get_num_threads(), channels_last=options.channels_last, compile=options.compile,
+                warmup=options.warmup, iters=options.iters, repeats=options.repeats, torch=torch.__version__,
                 timm=timm.__version__, python=platform.python_version(), platform=platform.platform(),
                 cuda=torch.version.cuda if device.type == 'cuda' else None)
 
@@ -62,24 +86,24 @@ def conditions(args, device: torch.device, input_size: int) -> dict:
 class Runner:
     """One model set up for one mode on one device; ``step()`` runs one iteration on a fixed synthetic batch."""
 
-    def __init__(self, label: str, model: nn.Module, args, device: torch.device, num_classes: int, input_size: int,
-                 count_macs: bool = True):
+    def __init__(self, label: str, model: nn.Module, options: TimingOptions, device: torch.device, num_classes: int,
+                 input_size: int, count_macs: bool = True):
         self.label = label
         self.params = counting.count_params(model)[0]
         self.gmacs = gmacs_of(model, input_size) if count_macs else None
         self.device = device
-        self.train = args.mode == 'train'
-        self.amp_dtype = AMP_DTYPES[args.amp]
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.train = options.mode == 'train'
+        self.amp_dtype = AMP_DTYPES[options.amp]
+        memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)
         model.train(self.train)
         gen = torch.Generator().manual_seed(0)
         size = input_size
-        self.x = torch.randn(args.batch_size, 3, size, size, generator=gen).to(device, memory_format=memory_format)
-        self.y = torch.randint(0, max(1, num_classes), (args.batch_size,), generator=gen).to(device)
+        self.x = torch.randn(options.batch_size, 3, size, size, generator=gen).to(device, memory_format=memory_format)
+        self.y = torch.randint(0, max(1, num_classes), (options.batch_size,), generator=gen).to(device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if self.train else None
-        self.scaler = torch.amp.GradScaler(device.type) if self.train and args.amp == 'fp16' else None
-        self.model = torch.compile(model) if args.compile else model
+        self.scaler = torch.amp.GradScaler(device.type) if self.train and options.amp == 'fp16' else None
+        self.model = torch.compile(model) if options.compile else model
         self.peak_memory_mb = 0.0
 
     def static_bytes(self) -> int:
@@ -161,25 +185,28 @@ def summarize(runs: List[dict], batch: int, iters: int, threads: int, clean_rati
         out['clean'] = dict(min_cpu_wall_ratio=round(threshold, 3), iters_kept=len(kept), iters_total=len(walls),
                             cpu_wall_ratio_median=statistics.median(c / w for w, c in zip(walls, cpus)),
                             img_per_s_median=batch / statistics.median(kept) if kept else None)
+        # images per second of process CPU time: what the run cost the cores it had, whatever else was running
+        cpu_rates = [batch * len(r['iter_cpu']) / sum(r['iter_cpu']) for r in runs]
+        out['cpu_time'] = dict(img_per_cpu_s_median=statistics.median(cpu_rates), per_repeat=cpu_rates)
     else:
-        out['clean'] = None
+        out['clean'] = out['cpu_time'] = None
     return out
 
 
-def measure(runners: List[Runner], args) -> List[dict]:
+def measure(runners: List[Runner], options: TimingOptions) -> List[dict]:
     """Warm every runner up, then alternate timed runs (r1, r2, r1, r2 ...); one summary per runner."""
     for runner in runners:
-        for _ in range(args.warmup):
+        for _ in range(options.warmup):
             runner.step()
         sync(runner.device)
     runs = [[] for _ in runners]
-    for _ in range(args.repeats):
+    for _ in range(options.repeats):
         for i, runner in enumerate(runners):
-            runs[i].append(timed_run(runner, args.iters))
+            runs[i].append(timed_run(runner, options.iters))
     threads = torch.get_num_threads()
     out = []
     for runner, r in zip(runners, runs):
-        s = summarize(r, args.batch_size, args.iters, threads, args.clean_ratio)
+        s = summarize(r, options.batch_size, options.iters, threads, options.clean_ratio)
         s.update(model=runner.label, params=runner.params, gmacs=runner.gmacs)
         if runner.device.type == 'cuda':
             s.update(peak_memory_mb=round(runner.peak_memory_mb, 1), peak_memory_kind='cuda_max_memory_allocated')

@@ -2,8 +2,7 @@
 interleaved --vs comparison, the clean-iteration filter; benchmarks/table.py's plot. No wall-clock limits are
 asserted."""
 import json
-from types import SimpleNamespace
-
+import statistics
 import pytest
 import timm
 import torch
@@ -67,11 +66,11 @@ def test_vs_timm_reports_a_ratio():
     assert vs['ratio'] > 0 and vs['ratio'] == pytest.approx(sorted(vs['ratios'])[0] / 2 + sorted(vs['ratios'])[1] / 2)
 
 
-def _runner(mode, model=None, **kw):
-    args = SimpleNamespace(mode=mode, amp='none', channels_last=False, compile=False, batch_size=2, **kw)
+def _runner(mode, model=None):
+    options = timing.TimingOptions(mode=mode, batch_size=2)
     model = model or models.create_model('hvt_model', img_size=32, patch_size=8, num_heads=2, head_dim=8,
                                          num_blocks=2, pool_block_width=1)
-    return timing.Runner('tiny', model, args, torch.device('cpu'), num_classes=1000, input_size=32)
+    return timing.Runner('tiny', model, options, torch.device('cpu'), num_classes=1000, input_size=32)
 
 
 def test_train_step_updates_weights_with_adamw():
@@ -118,8 +117,11 @@ def test_clean_filter_keeps_iterations_with_all_cores():
     assert s['clean']['min_cpu_wall_ratio'] == 1.8
     assert (s['clean']['iters_kept'], s['clean']['iters_total']) == (3, 5)  # 2.0/1, 1.9/1, 0.95/0.5
     assert s['clean']['img_per_s_median'] == pytest.approx(4 / 1.0)
+    # images per process CPU second, per run: 4 x 3 / 4.9 and 4 x 2 / 2.45
+    assert s['cpu_time']['per_repeat'] == pytest.approx([12 / 4.9, 8 / 2.45])
+    assert s['cpu_time']['img_per_cpu_s_median'] == pytest.approx((12 / 4.9 + 8 / 2.45) / 2)
     cuda_like = timing.summarize([dict(wall=1.0, iter_wall=[], iter_cpu=[])], 8, 2, 1, 0.9)
-    assert cuda_like['clean'] is None and cuda_like['img_per_s']['median'] == 16.0
+    assert cuda_like['clean'] is None and cuda_like['cpu_time'] is None and cuda_like['img_per_s']['median'] == 16.0
 
 
 def test_measure_interleaves_runs(monkeypatch):
@@ -128,8 +130,8 @@ def test_measure_interleaves_runs(monkeypatch):
                         dict(wall=1.0, iter_wall=[1.0], iter_cpu=[1.0]))
     a, b = _runner('infer'), _runner('infer')
     a.label, b.label = 'ours', 'theirs'
-    args = SimpleNamespace(warmup=0, repeats=3, iters=1, batch_size=2, clean_ratio=0.9)
-    results = timing.measure([a, b], args)
+    options = timing.TimingOptions(warmup=0, repeats=3, iters=1, batch_size=2)
+    results = timing.measure([a, b], options)
     assert order == ['ours', 'theirs'] * 3
     assert [r['model'] for r in results] == ['ours', 'theirs']
 
@@ -171,6 +173,42 @@ def test_vs_plain_times_the_model_without_token_reduction(tmp_path, monkeypatch,
     assert result['vs']['ratio'] == pytest.approx(result['img_per_s']['median'] / result['vs']['img_per_s']['median'])
 
 
+def test_train_vs_plain_records_both_rows_and_the_mac_ratio(capsys):
+    """--mode train --vs plain: training img/s of the reduced and the plain model, interleaved, with forward +
+    backward GMACs (3 x forward) and the MAC ratio computed from the two models' own counts."""
+    spec = {'method': 'tome', 'r': 1}
+    code = benchmark.main(['--config', 'config/deit-ti.json', '--input-size', '64', '--mode', 'train',
+                           '--token-reduction', json.dumps(spec), '--vs', 'plain', '--warmup', '0', '--iters', '1',
+                           '--repeats', '2', '--batch-size', '2', '--json'])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    vs = result['vs']
+    assert result['mode'] == 'train' and result['token_reduction'] == spec and vs['name'] == 'plain'
+    _check_rate(result, 2)
+    _check_rate(vs, 2)
+    reduced = models.create_model('deit_tiny', img_size=64, token_reduction=spec)
+    plain = models.create_model('deit_tiny', img_size=64)
+    reduced_gmacs = round(counting.count_macs(reduced, 64)[0] / 1e9, 4)
+    plain_gmacs = round(counting.count_macs(plain, 64)[0] / 1e9, 4)
+    assert (result['gmacs'], vs['gmacs']) == (reduced_gmacs, plain_gmacs) and reduced_gmacs < plain_gmacs
+    assert result['train_gmacs'] == round(3 * reduced_gmacs, 4) and vs['train_gmacs'] == round(3 * plain_gmacs, 4)
+    assert '3 x forward' in result['train_macs_convention']
+    assert vs['mac_ratio'] == pytest.approx(plain_gmacs / reduced_gmacs)
+    assert vs['ratio'] == pytest.approx(statistics.median(vs['ratios']))
+    assert vs['fraction_of_mac_ratio'] == pytest.approx(vs['ratio'] / vs['mac_ratio'])
+    cpu_ratios = [a / b for a, b in zip(result['cpu_time']['per_repeat'], vs['cpu_time']['per_repeat'])]
+    assert vs['cpu_time_ratio'] == pytest.approx(statistics.median(cpu_ratios))
+    assert vs['cpu_time_fraction_of_mac_ratio'] == pytest.approx(vs['cpu_time_ratio'] / vs['mac_ratio'])
+
+
+def test_timing_options_reject_unknown_modes():
+    with pytest.raises(ValueError, match='mode must be one of infer, train'):
+        timing.TimingOptions(mode='fly')
+    with pytest.raises(ValueError, match='amp must be one of'):
+        timing.TimingOptions(amp='fp8')
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip('matplotlib')
     conditions = dict(mode='infer', device_name='cpu', batch_size=2, amp='none', threads=1, input_size=64,
@@ -182,6 +220,25 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / 'speed.png'
     assert table.main([str(tmp_path / 'all.json'), '--plot', str(path)]) == 0
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_reduction_table_from_json_lines(tmp_path, capsys):
+    """train_speed.sh's JSON lines: one row per setting with the speed-up, the MAC ratio and the fraction."""
+    conditions = dict(mode='train', device_name='cpu', batch_size=32, amp='none', threads=2, input_size=224,
+                      channels_last=False, compile=False, warmup=1, repeats=2, iters=2, torch='2', timm='1')
+    rate = dict(median=10.0, min=9.0, max=11.0, per_repeat=[9.0, 11.0])
+    plain = dict(name='plain', model='deit_small (plain)', img_per_s=dict(median=5.0, min=4.5, max=5.5),
+                 ratio=2.0, ratios=[2.0, 2.0], clean_ratio=None, mac_ratio=2.5, fraction_of_mac_ratio=0.8)
+    record = dict(config='deit-s', model='deit_small', token_reduction={'method': 'tome', 'r': 13},
+                  img_per_s=rate, vs=plain, **conditions)
+    lines = tmp_path / 'train_speed.jsonl'
+    lines.write_text(json.dumps(record) + '\n' + json.dumps({**record, 'token_reduction': {'method': 'evit',
+                                                                                          'keep_rate': 0.7}}) + '\n')
+    assert table.main([str(lines)]) == 0
+    out = capsys.readouterr()[0]
+    assert 'MAC ratio (forward + backward = 3 x forward)' in out
+    assert '| tome | r 13 | 10.0 (9.0-11.0) | 5.0 (4.5-5.5) | 2.00x | 2.50x | 80% | - | - | - |' in out
+    assert '| evit | keep_rate 0.7 |' in out
 
 
 def test_plot_into_a_missing_folder_fails_before_reading(tmp_path, capsys):

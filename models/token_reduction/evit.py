@@ -72,7 +72,7 @@ def select_tokens(x: torch.Tensor, patch_scores: torch.Tensor, keep: int, fuse: 
     if fuse:
         num_patches = patches.shape[1]
         index = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
-        rest = index.scatter(1, top, num_patches).sort(dim=1).values[:, :num_patches - keep]
+        rest = index.scatter(1, top, torch.full_like(top, num_patches)).sort(dim=1).values[:, :num_patches - keep]
         weights = patch_scores.gather(1, rest).unsqueeze(-1)
         kept.append((gather_tokens(patches, rest) * weights).sum(dim=1, keepdim=True))
     return torch.cat(kept, dim=1)
