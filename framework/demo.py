@@ -28,7 +28,8 @@ TRAINING_FILE = 'training.pth'       # the last finished epoch: {'model', 'optim
 LOG_FILE = 'train.log'
 # the settings that make a backbone what it is: a saved backbone trained with others is not reused
 TRAINING_SETTINGS = ('model', 'data_set', 'input_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'epochs',
-                     'batch_size', 'lr', 'min_lr', 'warmup_epochs', 'weight_decay', 'drop_path', 'smoothing', 'seed')
+                     'batch_size', 'lr', 'min_lr', 'warmup_epochs', 'weight_decay', 'drop_path', 'smoothing', 'seed',
+                     'max_steps_per_epoch')
 
 
 def training_settings(args) -> dict:
@@ -59,7 +60,7 @@ def train_demo(args, device: torch.device, path: str, verbose: bool = False) -> 
     model = builders.build_model(args, num_classes, plain=True).to(device)
     opt = builders.build_optimization(args, model, builders.steps_per_epoch(loader_train, args), 1, device, None)
     criterion = builders.build_criterion(args, None, None)
-    loop = LoopOptions(device, print_freq=args.print_freq)
+    loop = LoopOptions(device, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch)
     start_epoch = 0
     if os.path.isfile(state_path):
         state = torch.load(state_path, map_location='cpu', weights_only=True)
