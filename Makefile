@@ -1,11 +1,12 @@
 # make train: set up .venv (pinned) and run the embedded demo (HVT on scikit-learn digits).
 # make test:  set up .venv and run the whole test suite.
 # make study: set up .venv and run study.py's embedded demo (every token-reduction method on a ViT trained on digits).
+# make study-finetune: the same demo with every reduced row fine-tuned 2 epochs (outputs/study-digits-finetune).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test study setup clean
+.PHONY: train test study study-finetune setup clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +20,9 @@ train: setup
 
 study: setup
 	$(PY) study.py
+
+study-finetune: setup
+	$(PY) study.py --finetune-epochs 2 --output-dir outputs/study-digits-finetune
 
 test: setup
 	$(PY) -m pytest -q tests

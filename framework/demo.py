@@ -38,6 +38,12 @@ def training_settings(args) -> dict:
     return {k: merged.get(k) for k in TRAINING_SETTINGS}
 
 
+def settings_differ(saved: dict, args) -> dict:
+    """The recorded training settings that differ from ``args``'s: {name: (saved, now)}."""
+    now = training_settings(args)
+    return {k: (v, now[k]) for k, v in saved.items() if k in now and v != now[k]}
+
+
 def _saved_config(args) -> dict:
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ('model_kwargs', 'given')},
                                  default=str))
@@ -64,7 +70,7 @@ def train_demo(args, device: torch.device, path: str, verbose: bool = False) -> 
     start_epoch = 0
     if os.path.isfile(state_path):
         state = torch.load(state_path, map_location='cpu', weights_only=True)
-        if state.get('settings') == training_settings(args):
+        if 'settings' in state and not settings_differ(state['settings'], args):
             model.load_state_dict(state['model'])
             utils.load_optimizer_state(opt.optimizer, state['optimizer'])
             opt.lr_scheduler.load_state_dict(state['lr_scheduler'])
@@ -109,9 +115,9 @@ def ensure_backbone(args, device: torch.device, distributed: bool = False, folde
     path = backbone_path(args, folder)
     if os.path.isfile(path):
         saved = torch.load(path, map_location='cpu', weights_only=True).get('settings')
-        if saved is not None and saved != training_settings(args):
-            differ = ', '.join(f'{k} {saved.get(k)} (now {v})' for k, v in training_settings(args).items()
-                               if saved.get(k) != v)
+        differ = settings_differ(saved or {}, args)
+        if differ:
+            differ = ', '.join(f'{k} {old} (now {new})' for k, (old, new) in differ.items())
             raise UserError(f'the demo backbone in {folder} was trained with other settings: {differ}; remove that '
                             f'folder or train into another one')
         return path

@@ -238,3 +238,35 @@ def test_bad_inputs_one_line_and_rows_kept(config, tmp_path, capsys):
     line = _bad(capsys, ['--config', config, '--sweep', ok_sweep, '--output-dir', str(blocker / 'sub'), *FAST])
     assert 'not writable' in line
     assert results.read_bytes() == kept
+
+
+def test_varying_parameters_are_shown_and_plot_lines_follow_the_swept_parameter(tmp_path):
+    """Rows of a method that differ in a parameter outside its usual columns (ToMe's prop_attn) get that column;
+    a plot line joins the rows that differ in the swept parameter only, in that parameter's order (not in x
+    order); the plots are titled by backbone, input size, data set and device, x axis 'GFLOPs (expedit
+    counter)'."""
+    specs = [(None, 300.0),
+             ({'method': 'hourglass', 'location': 3, 'num_clusters': 36}, 250.0),
+             ({'method': 'hourglass', 'location': 2, 'num_clusters': 36}, 240.0),
+             ({'method': 'hourglass', 'location': 2, 'num_clusters': 16}, 245.0),
+             ({'method': 'tome', 'r': 2, 'prop_attn': True}, 280.0),
+             ({'method': 'tome', 'r': 8, 'prop_attn': True}, 200.0),
+             ({'method': 'tome', 'r': 4, 'prop_attn': True}, 260.0),
+             ({'method': 'tome', 'r': 4, 'prop_attn': False}, 261.0)]
+    rows = [synthetic_row(s, s and s['method'], g) for s, g in specs]
+    found = sections(rs.render_table(rows, lambda row: None))
+    header, body = found['ToMe']
+    assert header[3:5] == ['r', 'prop_attn'] and [r[3:5] for r in body[1:]] == \
+        [['2', 'true'], ['8', 'true'], ['4', 'true'], ['4', 'false']]
+    lines = dict(rs.plot_lines(rows, rs.flops_of, lambda r: r['acc1']))
+    assert lines['Hourglass (Expedit-SWAG): num_clusters (location=2)'] == [(245.0, 88.0), (240.0, 88.0)]
+    assert lines['Hourglass (Expedit-SWAG): num_clusters (location=3)'] == [(250.0, 88.0)]
+    assert [x for x, _ in lines['ToMe: r (prop_attn=true)']] == [280.0, 260.0, 200.0]
+    assert [x for x, _ in lines['ToMe: r (prop_attn=false)']] == [261.0]
+    assert rs.flops_label(rows) == 'GFLOPs (expedit counter)'
+    assert rs.plot_title(rows) == 'swag_vit_l16 @512 px, IMNET (50000 images)\ngpu, float32, 1 threads'
+    rows[4]['finetune'] = dict(epochs=1, lr=1e-4, seconds=1.0, images_per_s=1.0, checkpoint='x', acc1=90.0, acc5=99.0)
+    assert rs.plot_accuracy(rows, str(tmp_path / 'a.png')) and rs.plot_speedup(rows, str(tmp_path / 's.png'))
+    assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
+    assert found['ToMe'][0][-1] == 'Top-1 (%)' and \
+        sections(rs.render_table(rows, lambda row: None))['ToMe'][0][-1] == 'Top-1 fine-tuned (%)'

@@ -245,3 +245,7 @@ def test_demo_backbone_ctrl_c_exit_130_and_resume(tmp_path):
     assert (backbone / WEIGHTS_FILE).exists() and 'Epoch:' not in again.stdout
     assert 'Epoch: [' in (backbone / 'train.log').read_text()
     assert any(line.startswith('[1/2] plain: ') for line in again.stdout.splitlines())    # "plain", once
+    # a backbone trained with other settings is not taken for this one
+    other = subprocess.run([sys.executable, *args[:-4], '--epochs', str(epochs + 1), '--max-steps-per-epoch', '2'],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and f'epochs {epochs} (now {epochs + 1})' in other.stderr, other.stderr[-2000:]
