@@ -136,13 +136,6 @@ def load_sweep(study, args, demo: bool, rows: List[published.Published]) -> List
     return rs.with_plain_first(entries)
 
 
-def check_backbone(model, model_name: str, config: str) -> None:
-    """The study reduces the tokens of a plain ViT (patch embedding + a list of blocks)."""
-    if not (hasattr(model, 'blocks') and hasattr(model, 'patch_embed')):
-        raise UserError(f"{config} builds {model_name}, not a plain ViT; the token-reduction study needs a ViT "
-                        f"backbone (deit_*, swag_vit_*, ...)")
-
-
 def check_specs(model, entries: List[dict], source: str) -> List[Optional[dict]]:
     """Every spec checked against the model before anything runs; the full specs (defaults filled in)."""
     full = []
@@ -219,16 +212,21 @@ def time_model(model, device: torch.device, input_size: int, num_classes: int, b
     return timing.measure([runner], settings)[0]
 
 
+def row_label(entry: dict) -> str:
+    """``row 'hg' (hourglass location=1, num_clusters=4)``: a row named with its setting."""
+    return f"row '{entry['name']}'" + (f" ({rs.entry_name(entry['spec'])})" if entry['spec'] else '')
+
+
 def evaluate_row(model, entry: dict, ctx) -> dict:
     """Top-1/top-5 over the validation set; a loss that is not finite is a one-line error naming the row."""
     try:
         with progress_to(ctx.log_path, ctx.study.verbose):
             stats = evaluate(ctx.loader_val, model, LoopOptions(ctx.device, print_freq=10 ** 6))
     except engine.NonFiniteLossError as e:
-        raise UserError(f"row '{entry['name']}' {rs.setting_text(entry['spec'])}: {e}") from None
+        raise UserError(f'{row_label(entry)}: {e}') from None
     if not math.isfinite(stats['loss']):
-        raise UserError(f"row '{entry['name']}' {rs.setting_text(entry['spec'])}: the evaluation loss is "
-                        f"{stats['loss']} (weights or setting give non-finite outputs)")
+        raise UserError(f"{row_label(entry)}: the evaluation loss is {stats['loss']} (the weights or the setting "
+                        f"give non-finite outputs)")
     return stats
 
 
@@ -316,7 +314,7 @@ def measure_row(base_model, entry: dict, full_spec, key: str, ctx) -> dict:
         try:
             record = finetune_row(model, entry, key, settings, ctx)
         except engine.NonFiniteLossError as e:
-            raise UserError(f"fine-tuning row '{entry['name']}' {rs.setting_text(entry['spec'])}: {e}") from None
+            raise UserError(f'fine-tuning {row_label(entry)}: {e}') from None
         tuned = evaluate_row(model, entry, ctx)
         row['finetune'] = dict(record, acc1=tuned['acc1'], acc5=tuned['acc5'])
     return row
@@ -400,7 +398,6 @@ def run(argv: Optional[List[str]]) -> int:
             loader_train = builders.build_train_loader(dataset_train, args, dist)
     model = builders.build_model(args, num_classes, plain=True)
     num_classes = model.num_classes
-    check_backbone(model, args.model, 'the demo config' if demo else study.config)
     full_specs = check_specs(model, entries, f"sweep file '{study.sweep}'" if study.sweep else 'sweep')
     count = len(entries)
     entries, full_specs = rs.drop_repeats(entries, full_specs)
@@ -434,8 +431,9 @@ def run(argv: Optional[List[str]]) -> int:
     batch_size = study.batch_size or (256 if device.type == 'cuda' else 32)
     log_path = os.path.join(study.output_dir, LOG_FILE) if utils.is_main_process() else None
     if not study.verbose and todo and utils.is_main_process():
-        print(f'evaluation and fine-tuning progress lines: {log_path} and {os.path.join(study.output_dir, FINETUNE_DIR)}'
-              if study.finetune_epochs else f'evaluation progress lines: {log_path}')
+        finetune_logs = os.path.join(study.output_dir, FINETUNE_DIR, '*', 'finetune.log')
+        print(f'evaluation progress lines: {log_path}'
+              + (f'; fine-tuning progress lines: {finetune_logs}' if study.finetune_epochs else ''))
     ctx = SimpleNamespace(args=args, study=study, device=device, dist=dist, loader_val=loader_val,
                           loader_train=loader_train, num_classes=num_classes, batch_size=batch_size,
                           checkpoint=checkpoint, world_size=dist.world_size, log_path=log_path,

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from framework import published
 from utils import UserError
 
-# rows of data/published.json that Expedit-SWAG's README printed (their ``seed`` field)
+# the rows of data/published.json taken from Expedit-SWAG's README
 EXPEDIT_SWAG_ROWS = '003'
 RESULTS_FILE = 'results.jsonl'
 TABLE_FILE = 'table.md'
