@@ -323,11 +323,13 @@ def _sort_value(value):
 
 def plot_lines(rows: List[dict], x_of, y_of) -> List[Tuple[str, List[Tuple[float, float]]]]:
     """(label, points) per line: one line per method, backbone and value of the parameters other than the swept one
-    (METHOD_TABLES' ``swept``, else the first that varies), points in the order of the swept parameter's value."""
+    (METHOD_TABLES' ``swept``, else the first that varies), points in the order of the swept parameter's value. The
+    lines are made from every row with an x (the labels do not depend on ``y_of``); points without a y are left
+    out."""
     groups = {(r['backbone'], r['input_size']) for r in rows}
     by_method: Dict[Tuple[str, str, int], List[dict]] = {}
     for row in rows:
-        if row['method'] is not None and x_of(row) is not None and y_of(row) is not None:
+        if row['method'] is not None and x_of(row) is not None:
             by_method.setdefault((row['method'], row['backbone'], row['input_size']), []).append(row)
     lines = []
     for (method, backbone, input_size), members in by_method.items():
@@ -337,7 +339,8 @@ def plot_lines(rows: List[dict], x_of, y_of) -> List[Tuple[str, List[Tuple[float
         swept = METHOD_TABLES.get(method, {}).get('swept')
         if swept not in varying:
             swept = varying[0] if varying else swept
-        others = [k for k in varying if k != swept]
+        tied = [k for k in varying if k != swept and _tied(specs, swept, k)]
+        others = [k for k in varying if k != swept and k not in tied]
         suffix = f' ({backbone} @{input_size})' if len(groups) > 1 else ''
         split: Dict[str, List[dict]] = {}
         for row in members:
@@ -345,9 +348,18 @@ def plot_lines(rows: List[dict], x_of, y_of) -> List[Tuple[str, List[Tuple[float
             split.setdefault(fixed, []).append(row)
         for fixed, line_rows in split.items():
             line_rows.sort(key=lambda r: _sort_value(r['full_spec'].get(swept)))
-            label = f'{method_title(method)}: {swept}' + (f' ({fixed})' if fixed else '') + suffix
-            lines.append((label, [(x_of(r), y_of(r)) for r in line_rows]))
+            label = f"{method_title(method)}: {', '.join([swept] + tied)}" + (f' ({fixed})' if fixed else '') + suffix
+            points = [(x_of(r), y_of(r)) for r in line_rows if y_of(r) is not None]
+            if points:
+                lines.append((label, points))
     return lines
+
+
+def _tied(specs: Sequence[dict], a: str, b: str) -> bool:
+    """Whether parameters ``a`` and ``b`` change together (each value of one goes with one value of the other), as
+    SMYRF's q_cluster_size and k_cluster_size do: such a pair is swept as one."""
+    pairs = {(json.dumps(s.get(a), sort_keys=True), json.dumps(s.get(b), sort_keys=True)) for s in specs}
+    return len(pairs) == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
 
 
 def plain_points(rows: List[dict], x_of, y_of) -> List[Tuple[str, float, float]]:
@@ -376,7 +388,8 @@ def plot_title(rows: List[dict]) -> str:
     c = rows[0]['conditions']
     backbones = ', '.join(sorted({f"{r['backbone']} @{r['input_size']} px" for r in rows}))
     data = f"{c['data_set']} ({c['n_images']} images)" if c.get('data_set') else 'no data set'
-    return f"{backbones}, {data}\n{c['device_name']}, {c['dtype']}, {c['threads']} threads"
+    threads = f"{c['threads']} thread" + ('s' if c['threads'] != 1 else '')
+    return f"{backbones}, {data}\n{c['device_name']}, {c['dtype']}, {threads}"
 
 
 def _pyplot():
@@ -384,6 +397,12 @@ def _pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def line_colors(plt, labels: List[str]) -> Dict[str, tuple]:
+    """One color per line label (tab20: up to 20 lines without a repeat)."""
+    cmap = plt.get_cmap('tab20')
+    return {label: cmap(i % 20) for i, label in enumerate(labels)}
 
 
 def plot_accuracy(rows: List[dict], path: str) -> bool:
@@ -396,15 +415,15 @@ def plot_accuracy(rows: List[dict], path: str) -> bool:
     after = plot_lines(rows, flops_of, lambda r: (r.get('finetune') or {}).get('acc1'))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.0, 5.6))
-    colors = {}
+    colors = line_colors(plt, [label for label, _ in before])
+    tuned = {label for label, _ in after}
     for label, points in after:
-        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=f'{label}, fine-tuned')
-        colors[label] = line.get_color()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', color=colors[label],
+                label=f'{label}, fine-tuned')
     for label, points in before:
-        tuned = label in colors
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', markerfacecolor='none' if tuned else None,
-                linestyle='--' if tuned else '-', color=colors.get(label),
-                label=f'{label}, without retraining' if tuned else label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o',
+                markerfacecolor='none' if label in tuned else None, linestyle='--' if label in tuned else '-',
+                color=colors[label], label=f'{label}, without retraining' if label in tuned else label)
     for label, x, y in plains:
         ax.plot([x], [y], marker='*', markersize=14, linestyle='none', color='black', label=label)
     ax.set_xlabel(flops_label(rows))
@@ -442,8 +461,9 @@ def plot_speedup(rows: List[dict], path: str) -> bool:
                        lambda r: points[id(r)]['speedup'])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.0, 5.6))
+    colors = line_colors(plt, [label for label, _ in lines])
     for label, pts in lines:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', color=colors[label], label=label)
     values = [v for p in points.values() for v in (p['flops_ratio'], p['speedup'])]
     low, high = min(values + [1.0]) * 0.95, max(values + [1.0]) * 1.05
     ax.plot([low, high], [low, high], color='gray', linestyle='--', label='y = x')

@@ -252,7 +252,9 @@ def test_varying_parameters_are_shown_and_plot_lines_follow_the_swept_parameter(
              ({'method': 'tome', 'r': 2, 'prop_attn': True}, 280.0),
              ({'method': 'tome', 'r': 8, 'prop_attn': True}, 200.0),
              ({'method': 'tome', 'r': 4, 'prop_attn': True}, 260.0),
-             ({'method': 'tome', 'r': 4, 'prop_attn': False}, 261.0)]
+             ({'method': 'tome', 'r': 4, 'prop_attn': False}, 261.0),
+             ({'method': 'smyrf', 'location': 3, 'q_cluster_size': 8, 'k_cluster_size': 8}, 270.0),
+             ({'method': 'smyrf', 'location': 3, 'q_cluster_size': 4, 'k_cluster_size': 4}, 265.0)]
     rows = [synthetic_row(s, s and s['method'], g) for s, g in specs]
     found = sections(rs.render_table(rows, lambda row: None))
     header, body = found['ToMe']
@@ -263,8 +265,9 @@ def test_varying_parameters_are_shown_and_plot_lines_follow_the_swept_parameter(
     assert lines['Hourglass (Expedit-SWAG): num_clusters (location=3)'] == [(250.0, 88.0)]
     assert [x for x, _ in lines['ToMe: r (prop_attn=true)']] == [280.0, 260.0, 200.0]
     assert [x for x, _ in lines['ToMe: r (prop_attn=false)']] == [261.0]
+    assert lines['SMYRF: q_cluster_size, k_cluster_size'] == [(265.0, 88.0), (270.0, 88.0)]     # swept together
     assert rs.flops_label(rows) == 'GFLOPs (expedit counter)'
-    assert rs.plot_title(rows) == 'swag_vit_l16 @512 px, IMNET (50000 images)\ngpu, float32, 1 threads'
+    assert rs.plot_title(rows) == 'swag_vit_l16 @512 px, IMNET (50000 images)\ngpu, float32, 1 thread'
     rows[4]['finetune'] = dict(epochs=1, lr=1e-4, seconds=1.0, images_per_s=1.0, checkpoint='x', acc1=90.0, acc5=99.0)
     assert rs.plot_accuracy(rows, str(tmp_path / 'a.png')) and rs.plot_speedup(rows, str(tmp_path / 's.png'))
     assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
