@@ -305,7 +305,8 @@ def notes(rows: List[dict], any_published: bool) -> List[str]:
         c = rows[0]['conditions']
         out.append(f"FPS: img/s at batch 1; throughput: img/s at batch {c['batch_size']}; warm-up {c['warmup']} "
                    f"iterations, then {c['repeats']} x {c['iters']} timed iterations (median), "
-                   f"{c['device_name']}, {c['dtype']}, {c['threads']} threads, torch {c['torch']}. "
+                   f"{c['device_name']}, {c['dtype']}, {c['threads']} thread{'s' if c['threads'] != 1 else ''}, "
+                   f"torch {c['torch']}. "
                    f"Top-1: without retraining, on {c['data_set'] or 'no data set'} ({c['n_images']} images).")
     tuned = [r['finetune'] for r in rows if r.get('finetune')]
     if tuned:
