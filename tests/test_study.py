@@ -1,7 +1,7 @@
-"""study.py: seed 003's table layout, the row record (FLOPs equal to the counting library's, accuracy over every
-validation image), the seed's rows taken from the published data file, resume after a kill, and bad inputs (one line,
-exit 2, finished rows kept). Backbone: swag_vit_l16 narrowed to 2 blocks of width 64 at 64 px, random weights, FAKE
-data."""
+"""study.py: the table layout (methods by their papers' names, columns by the specs' parameter names), the row
+record (FLOPs equal to the counting library's, accuracy over every validation image), Expedit-SWAG's published rows
+taken from the data file, resume after a kill, and bad inputs (one line, exit 2, finished rows kept). Backbone:
+swag_vit_l16 narrowed to 2 blocks of width 64 at 64 px, random weights, FAKE data."""
 import json
 import os
 import signal
@@ -25,17 +25,17 @@ SMALL_BACKBONE = {'model': 'swag_vit_l16', 'input_size': 64, 'depth': 2, 'embed_
 FAST = ['--warmup', '0', '--iters', '1', '--batch-size', '2', '--threads', '1']
 FAKE = ['--data-set', 'FAKE', '--fake-val-size', '6', '--fake-num-classes', '10']
 
-# the seed README's column headers of each method table (the layout reproduced)
-SEED_COLUMNS = {
-    'Ours': ['$\\alpha$', 'h $\\times$ w'],
-    'EViT': ['keep rate'],
+# the setting columns of each method's section: the specs' own parameter names
+METHOD_COLUMNS = {
+    'Hourglass (Expedit-SWAG)': ['location', 'num_clusters'],
+    'EViT': ['keep_rate'],
     'ToMe': ['r'],
     'ACT': ['q_hashes'],
-    'ATS': ['$\\alpha$'],
-    'Evo-ViT': ['pruning location', 'pruning ratio'],
-    'SMYRF': ['$\\alpha$', 'rounds', 'q_cluster_size', 'k_cluster_size'],
+    'ATS': ['locations', 'num_tokens'],
+    'Evo-ViT': ['location', 'keep_ratio'],
+    'SMYRF': ['location', 'n_hashes', 'q_cluster_size', 'k_cluster_size'],
 }
-SEED_ORDER = ['Ours', 'EViT', 'ToMe', 'ACT', 'ATS', 'Evo-ViT', 'SMYRF']
+METHOD_ORDER = list(METHOD_COLUMNS)
 
 
 @pytest.fixture
@@ -75,9 +75,9 @@ def synthetic_row(spec, method, gflops, grid=(32, 32)):
                 acc1=88.0, conditions=conditions)
 
 
-def test_table_has_the_seed_layout_for_every_method():
-    """One section per method in the seed's order, the seed's setting columns, the plain row first (the full grid
-    in the h x w column, as the seed prints it), the published number in parentheses beside ours."""
+def test_table_names_methods_and_parameters():
+    """One section per method in Expedit-SWAG's order, titled by the paper's name; the setting columns are the
+    specs' parameter names; the plain row first; the published number in parentheses beside ours."""
     specs = [None,
              {'method': 'smyrf', 'location': 12, 'n_hashes': 32, 'q_cluster_size': 64, 'k_cluster_size': 64},
              {'method': 'tome', 'r': 10},
@@ -93,18 +93,19 @@ def test_table_has_the_seed_layout_for_every_method():
 
     table = rs.render_table(rows, lambda row: Pub() if row['method'] == 'hourglass' else None)
     found = sections(table)
-    assert list(found) == SEED_ORDER
+    assert list(found) == METHOD_ORDER
     for title, (header, body) in found.items():
-        assert header == ['Method', 'Backbone', 'input', *SEED_COLUMNS[title], 'GFLOPs', 'GMACs', 'FPS',
-                          'Throughput (im/s)', 'Acc.']
+        assert header == ['Method', 'Backbone', 'input', *METHOD_COLUMNS[title], 'GFLOPs', 'GMACs', 'FPS',
+                          'Throughput (im/s)', 'Top-1 (%)']
         assert [r[0] for r in body] == ['SWAG', f'SWAG + {title}'] and all(r[1] == 'ViT-L/16' for r in body)
-        assert body[0][3:3 + len(SEED_COLUMNS[title])] == (['-', '32 $\\times$ 32'] if title == 'Ours'
-                                                            else ['-'] * len(SEED_COLUMNS[title]))
-    ours = found['Ours'][1][1]
-    assert ours[3:9] == ['12', '23 $\\times$ 23', '297.0 (275.8)', '297.0', '10.0 (15.8)', '12.0 (19.5)']
-    assert ours[9] == '88.0 (87.8)'
+        assert body[0][3:3 + len(METHOD_COLUMNS[title])] == ['-'] * len(METHOD_COLUMNS[title])
+    hourglass = found['Hourglass (Expedit-SWAG)'][1][1]
+    assert hourglass[3:9] == ['12', '529', '297.0 (275.8)', '297.0', '10.0 (15.8)', '12.0 (19.5)']
+    assert hourglass[9] == '88.0 (87.8)'
     assert found['SMYRF'][1][1][3:7] == ['12', '32', '64', '64']
-    assert found['Evo-ViT'][1][1][3:5] == ['18', '0.4'] and found['ATS'][1][1][3] == '20'
+    assert found['Evo-ViT'][1][1][3:5] == ['18', '0.4'] and found['ATS'][1][1][3:5] == ['20', '1025']
+    for word in ('Ours', 'alpha', 'pruning', 'seed'):
+        assert word not in table
 
 
 def test_rows_tables_and_plots(config, tmp_path):
@@ -137,14 +138,16 @@ def test_rows_tables_and_plots(config, tmp_path):
     assert rows[0]['gmacs'] > rows[1]['gmacs'] > rows[2]['gmacs']
     assert rows[2]['tokens_out'] == 1 + 4
     found = sections((out / rs.TABLE_FILE).read_text())
-    assert list(found) == ['Ours', 'ToMe']
-    assert found['ToMe'][1][1][3] == '2' and found['Ours'][1][0][4] == '4 $\\times$ 4'
+    assert list(found) == ['Hourglass (Expedit-SWAG)', 'ToMe']
+    assert found['ToMe'][1][1][3] == '2'
+    header, body = found['Hourglass (Expedit-SWAG)']
+    assert header[3:6] == ['name', 'location', 'num_clusters'] and body[1][3:6] == ['hg', '1', '4']
     for plot in (rs.ACCURACY_PLOT, rs.SPEEDUP_PLOT):
         assert (out / plot).read_bytes()[:4] == b'\x89PNG'
 
 
-def test_seed_rows_come_from_the_published_file(config, tmp_path):
-    """Without --sweep a SWAG backbone runs the seed-003 rows of the data file at its resolution, and the table
+def test_published_rows_come_from_the_data_file(config, tmp_path):
+    """Without --sweep a SWAG backbone runs Expedit-SWAG's rows of the data file at its resolution, and the table
     shows the published number beside ours."""
     data = {'about': '', 'sources': {'s': 'test'}, 'rows': [
         {'config': None, 'model': 'swag_vit_l16', 'token_reduction': {'method': 'tome', 'r': 1}, 'resolution': 64,
@@ -193,7 +196,7 @@ def test_resume_after_kill(config, tmp_path):
     assert after[:len(before)] == before          # finished rows kept as they were, not recomputed
     assert len(after) == 9 and len({r['key'] for r in after}) == 9
     found = sections((out / rs.TABLE_FILE).read_text())
-    assert len(found['ToMe'][1]) == 1 + 4 and len(found['Ours'][1]) == 1 + 4
+    assert len(found['ToMe'][1]) == 1 + 4 and len(found['Hourglass (Expedit-SWAG)'][1]) == 1 + 4
     third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and 'resuming: 9 of 9 rows' in third.stdout
     assert rs.read_results(str(results)) == after
@@ -235,3 +238,38 @@ def test_bad_inputs_one_line_and_rows_kept(config, tmp_path, capsys):
     line = _bad(capsys, ['--config', config, '--sweep', ok_sweep, '--output-dir', str(blocker / 'sub'), *FAST])
     assert 'not writable' in line
     assert results.read_bytes() == kept
+
+
+def test_varying_parameters_are_shown_and_plot_lines_follow_the_swept_parameter(tmp_path):
+    """Rows of a method that differ in a parameter outside its usual columns (ToMe's prop_attn) get that column;
+    a plot line joins the rows that differ in the swept parameter only, in that parameter's order (not in x
+    order); the plots are titled by backbone, input size, data set and device, x axis 'GFLOPs (expedit
+    counter)'."""
+    specs = [(None, 300.0),
+             ({'method': 'hourglass', 'location': 3, 'num_clusters': 36}, 250.0),
+             ({'method': 'hourglass', 'location': 2, 'num_clusters': 36}, 240.0),
+             ({'method': 'hourglass', 'location': 2, 'num_clusters': 16}, 245.0),
+             ({'method': 'tome', 'r': 2, 'prop_attn': True}, 280.0),
+             ({'method': 'tome', 'r': 8, 'prop_attn': True}, 200.0),
+             ({'method': 'tome', 'r': 4, 'prop_attn': True}, 260.0),
+             ({'method': 'tome', 'r': 4, 'prop_attn': False}, 261.0),
+             ({'method': 'smyrf', 'location': 3, 'q_cluster_size': 8, 'k_cluster_size': 8}, 270.0),
+             ({'method': 'smyrf', 'location': 3, 'q_cluster_size': 4, 'k_cluster_size': 4}, 265.0)]
+    rows = [synthetic_row(s, s and s['method'], g) for s, g in specs]
+    found = sections(rs.render_table(rows, lambda row: None))
+    header, body = found['ToMe']
+    assert header[3:5] == ['r', 'prop_attn'] and [r[3:5] for r in body[1:]] == \
+        [['2', 'true'], ['8', 'true'], ['4', 'true'], ['4', 'false']]
+    lines = dict(rs.plot_lines(rows, rs.flops_of, lambda r: r['acc1']))
+    assert lines['Hourglass (Expedit-SWAG): num_clusters (location=2)'] == [(245.0, 88.0), (240.0, 88.0)]
+    assert lines['Hourglass (Expedit-SWAG): num_clusters (location=3)'] == [(250.0, 88.0)]
+    assert [x for x, _ in lines['ToMe: r (prop_attn=true)']] == [280.0, 260.0, 200.0]
+    assert [x for x, _ in lines['ToMe: r (prop_attn=false)']] == [261.0]
+    assert lines['SMYRF: q_cluster_size, k_cluster_size'] == [(265.0, 88.0), (270.0, 88.0)]     # swept together
+    assert rs.flops_label(rows) == 'GFLOPs (expedit counter)'
+    assert rs.plot_title(rows) == 'swag_vit_l16 @512 px, IMNET (50000 images)\ngpu, float32, 1 thread'
+    rows[4]['finetune'] = dict(epochs=1, lr=1e-4, seconds=1.0, images_per_s=1.0, checkpoint='x', acc1=90.0, acc5=99.0)
+    assert rs.plot_accuracy(rows, str(tmp_path / 'a.png')) and rs.plot_speedup(rows, str(tmp_path / 's.png'))
+    assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
+    assert found['ToMe'][0][-1] == 'Top-1 (%)' and \
+        sections(rs.render_table(rows, lambda row: None))['ToMe'][0][-1] == 'Top-1 fine-tuned (%)'
