@@ -16,8 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from framework import published
 from utils import UserError
 
-# the rows of data/published.json taken from Expedit-SWAG's README
-EXPEDIT_SWAG_ROWS = '003'
+EXPEDIT_SWAG_ROWS = 'expedit-swag'   # the source key of Expedit-SWAG's rows in data/published.json
 RESULTS_FILE = 'results.jsonl'
 TABLE_FILE = 'table.md'
 ACCURACY_PLOT = 'top1_vs_gflops.png'
@@ -98,7 +97,7 @@ def load_sweep_file(path: str) -> List[dict]:
 
 def published_rows(rows: Sequence[published.Published], model: str, resolution: int) -> List[published.Published]:
     """The rows Expedit-SWAG published for ``model`` at ``resolution``, in file order."""
-    return [r for r in rows if r.seed == EXPEDIT_SWAG_ROWS and r.model == model and r.resolution == resolution]
+    return [r for r in rows if r.source == EXPEDIT_SWAG_ROWS and r.model == model and r.resolution == resolution]
 
 
 def published_sweep(rows: Sequence[published.Published], model: str, resolution: int) -> List[dict]:
