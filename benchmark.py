@@ -263,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = get_parser().parse_args(argv)
         device = _check(args)
-        options = timing_options(args)
+        settings = timing_options(args)
         overrides = [] if args.input_size is None else ['--input-size', str(args.input_size)]
         if 'token_reduction' in vars(args):
             overrides += ['--token-reduction', json.dumps(args.token_reduction)]
@@ -271,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results = []
             for path in builders.config_files(args.config_dir):
                 try:
-                    results.append(benchmark(path, options, device, overrides))
+                    results.append(benchmark(path, settings, device, overrides))
                 except UserError as e:
                     results.append(dict(config=os.path.splitext(os.path.basename(path))[0], config_path=path,
                                         error=str(e)))
@@ -280,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # with --json, stdout holds only the JSON list; progress goes to stderr
                 print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
         else:
-            results = [benchmark(args.config, options, device, overrides, args.vs)]
+            results = [benchmark(args.config, settings, device, overrides, args.vs)]
             if not args.json:
                 print(format_result(results[0]))
     except UserError as e:

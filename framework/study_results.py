@@ -92,6 +92,8 @@ def load_sweep_file(path: str) -> List[dict]:
         raise UserError(f"sweep file '{path}' cannot be read: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"sweep file '{path}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise UserError(f"sweep file '{path}' nests its JSON too deeply to read; give a list of specs") from None
     return normalize_sweep(items, f"sweep file '{path}'")
 
 

@@ -151,23 +151,23 @@ def test_model_default_input_size_is_measured(tmp_path, monkeypatch, capsys):
 
 
 def test_vs_plain_times_the_model_without_token_reduction(tmp_path, monkeypatch, capsys):
-    """--vs plain builds the config's model a second time without its token reduction (stubbed here: the spec is
-    recorded and the plain model built) and reports the ratio."""
+    """--vs plain builds the config's model a second time without its token reduction (the reductions applied are
+    recorded here) and reports the ratio."""
     specs = []
-    real = models.create_model
+    real = models.apply_token_reduction
 
-    def create_model(name, token_reduction=None, **kw):
-        specs.append(token_reduction)
-        return real(name, **kw)
+    def apply_token_reduction(model, spec):
+        specs.append(spec)
+        return real(model, spec)
 
-    monkeypatch.setattr(models, 'create_model', create_model)
-    spec = {'method': 'tome', 'r': 2}
-    code = benchmark.main(['--config', 'config/deit-ti.json', '--input-size', '32', '--token-reduction',
+    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
+    spec = {'method': 'tome', 'r': 1}
+    code = benchmark.main(['--config', 'config/deit-ti.json', '--input-size', '64', '--token-reduction',
                            json.dumps(spec), '--vs', 'plain', *TINY_RUN])
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
-    assert specs == [spec, None]
+    assert specs == [spec]   # the plain twin gets none
     assert result['token_reduction'] == spec and result['vs']['name'] == 'plain'
     assert result['vs']['model'] == 'deit_tiny (plain)' and result['vs']['params'] == result['params']
     assert result['vs']['ratio'] == pytest.approx(result['img_per_s']['median'] / result['vs']['img_per_s']['median'])
@@ -187,7 +187,7 @@ def test_train_vs_plain_records_both_rows_and_the_mac_ratio(capsys):
     assert result['mode'] == 'train' and result['token_reduction'] == spec and vs['name'] == 'plain'
     _check_rate(result, 2)
     _check_rate(vs, 2)
-    reduced = models.create_model('deit_tiny', img_size=64, token_reduction=spec)
+    reduced = models.apply_token_reduction(models.create_model('deit_tiny', img_size=64), spec)
     plain = models.create_model('deit_tiny', img_size=64)
     reduced_gmacs = round(counting.count_macs(reduced, 64)[0] / 1e9, 4)
     plain_gmacs = round(counting.count_macs(plain, 64)[0] / 1e9, 4)

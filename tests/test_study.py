@@ -225,6 +225,9 @@ def test_bad_inputs_one_line_and_rows_kept(config, tmp_path, capsys):
     assert 'num_clusters' in line and 'hourglass' in line
     not_a_list = write_sweep(tmp_path, {'method': 'tome', 'r': 1}, 'obj.json')
     assert 'JSON list' in _bad(capsys, ['--config', config, '--sweep', not_a_list, '--output-dir', str(out), *FAST])
+    nested = tmp_path / 'nested.json'
+    nested.write_text('[' * 60000 + ']' * 60000)
+    assert 'too deeply' in _bad(capsys, ['--config', config, '--sweep', str(nested), '--output-dir', str(out), *FAST])
 
     other = models.create_model('deit_tiny', img_size=64, num_classes=1000)
     ckpt = tmp_path / 'deit.pth'

@@ -194,7 +194,7 @@ def test_errors_before_the_first_row_leave_nothing(config, weights, tmp_path):
     hvt.write_text(json.dumps({'model': 'hvt_model', 'input_size': 32, 'patch_size': 8, 'num_heads': 2,
                                'head_dim': 8, 'num_blocks': 2, 'pool_block_width': 1, 'num_workers': 0}))
     line = one_error_line(run_script(study_cmd(str(hvt), sweep, out), script='study.py'))
-    assert 'plain ViT' in line and 'HVT' in line
+    assert 'HVT has no token_reduction' in line and 'deit_' in line
 
     line = one_error_line(run_script(['--config', config, '--sweep', sweep, '--output-dir', out, *FAST,
                                       '--finetune-epochs', '1'], script='study.py'))
