@@ -345,9 +345,7 @@ def write_outputs(output_dir: str, keys: List[str], rows: List[published.Publish
         return
     table = rs.render_table(results, published_lookup(rows))
     path = os.path.join(output_dir, rs.TABLE_FILE)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(table)
-    os.replace(path + '.tmp', path)
+    utils.write_text_atomic(table, path)
     written = [path]
     for plot, fn in ((rs.ACCURACY_PLOT, rs.plot_accuracy), (rs.SPEEDUP_PLOT, rs.plot_speedup)):
         if fn(results, os.path.join(output_dir, plot)):

@@ -178,6 +178,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 2
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not options.is_out_of_memory(e):
+            raise
+        print(f"error: {options.out_of_memory_message(e, 'the number of --image files')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

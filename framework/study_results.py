@@ -14,6 +14,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from framework import published
+import utils
 from utils import UserError
 
 EXPEDIT_SWAG_ROWS = 'expedit-swag'   # the source key of Expedit-SWAG's rows in data/published.json
@@ -164,18 +165,11 @@ def append_result(row: dict, path: str) -> None:
 
 
 def check_output_dir(path: str) -> None:
-    """That the output folder can be created and written to, creating nothing (one-line UserError otherwise)."""
-    target = os.path.abspath(path)
-    while not os.path.exists(target):
-        parent = os.path.dirname(target)
-        if parent == target:
-            break
-        target = parent
-    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK) or \
-            (target == os.path.abspath(path) and os.path.exists(os.path.join(target, RESULTS_FILE))
-             and not os.access(os.path.join(target, RESULTS_FILE), os.W_OK)):
-        reason = 'not a folder' if not os.path.isdir(target) else 'permission denied'
-        raise UserError(f"output folder '{path}' is not writable ({target}: {reason}); give another --output-dir")
+    """:func:`utils.check_output_dir` (creates nothing), and an existing ``results.jsonl`` there must be writable."""
+    utils.check_output_dir(path)
+    results = os.path.join(path, RESULTS_FILE)
+    if os.path.exists(results) and not os.access(results, os.W_OK):
+        raise UserError(f"'{results}' is not writable; give another --output-dir")
 
 
 def create_output_dir(path: str) -> None:
@@ -430,6 +424,11 @@ def plot_accuracy(rows: List[dict], path: str) -> bool:
         ax.plot([x], [y], marker='*', markersize=14, linestyle='none', color='black', label=label)
     ax.set_xlabel(flops_label(rows))
     ax.set_ylabel('top-1 (%)')
+    return _finish_plot(plt, fig, ax, rows, path)
+
+
+def _finish_plot(plt, fig, ax, rows: List[dict], path: str) -> bool:
+    """Title (backbone, size, data set, device), grid, legend beside the axes; save and close."""
     ax.set_title(plot_title(rows), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc='center left', bbox_to_anchor=(1.01, 0.5))
@@ -471,10 +470,4 @@ def plot_speedup(rows: List[dict], path: str) -> bool:
     ax.plot([low, high], [low, high], color='gray', linestyle='--', label='y = x')
     ax.set_xlabel(f'{flops_label(rows)} ratio (plain / reduced)')
     ax.set_ylabel(f"speed-up (throughput, batch {rows[0]['conditions']['batch_size']})")
-    ax.set_title(plot_title(rows), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc='center left', bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _finish_plot(plt, fig, ax, rows, path)

@@ -239,7 +239,7 @@ def test_bad_inputs_one_line_and_rows_kept(config, tmp_path, capsys):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
     line = _bad(capsys, ['--config', config, '--sweep', ok_sweep, '--output-dir', str(blocker / 'sub'), *FAST])
-    assert 'not writable' in line
+    assert 'is a file, not a folder' in line
     assert results.read_bytes() == kept
 
 

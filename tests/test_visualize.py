@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import run_script
 from vit_reference import tiny_vit
 
 from framework import token_maps
@@ -185,3 +185,12 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
     # the exit code of the script itself
     result = run_script(['--block', '-1', '--random-weights', '--output', out], script='visualize.py')
     assert result.returncode == 2 and result.stderr.startswith('error: --block -1') and not out.exists()
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    def run(argv):
+        raise RuntimeError('DefaultCPUAllocator: not enough memory: you tried to allocate 5368709120 bytes.')
+    monkeypatch.setattr(visualize, 'run', run)
+    code = visualize.main([])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count('\n') == 1 and err.startswith('error: out of memory') and 'Traceback' not in err
