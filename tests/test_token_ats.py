@@ -8,18 +8,7 @@ import torch
 
 from models import apply_token_reduction, create_model, token_schedule
 from models.token_reduction.ats import adaptive_sample, nearest_positions
-from vit_reference import meta_vit, seeded_vit
-
-
-def heads(attn, x):
-    B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
-
-
-def merge_heads(attn, out):
-    B, _, N, _ = out.shape
-    return attn.proj(out.transpose(1, 2).reshape(B, N, -1))
+from vit_reference import merge_heads, meta_vit, seeded_vit, split_heads
 
 
 def reference_ats(model, image, locations, num_tokens):
@@ -29,7 +18,7 @@ def reference_ats(model, image, locations, num_tokens):
     counts = []
     for index, block in enumerate(model.blocks):
         attn = block.attn
-        q, k, v = heads(attn, block.norm1(x))
+        q, k, v = split_heads(attn, block.norm1(x))
         weights = ((q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(dim=-1)  # (1, heads, N, N)
         N = x.shape[1]
         if index in locations:

@@ -13,6 +13,7 @@ from models import apply_token_reduction, token_schedule
 from models.token_reduction.act import e2lsh_projections
 from models.token_reduction.smyrf import upstream_smyrf_attention
 from models.vit import VisionTransformer
+from vit_reference import merge_heads, split_heads
 
 
 def peaky_vit(seed=1, depth=6):
@@ -24,17 +25,6 @@ def peaky_vit(seed=1, depth=6):
         for name, p in model.named_parameters():
             p.normal_(0, 1.0 if 'qkv' in name else 0.15)
     return model.eval()
-
-
-def split_heads(attn, x):
-    B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
-
-
-def merge_heads(attn, out):
-    B, _, N, _ = out.shape
-    return attn.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
 # ------------------------------------------------------------------------------------------------------------ ATS

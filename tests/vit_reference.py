@@ -55,6 +55,19 @@ def layer_norm(norm, x):
     return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
+def split_heads(attn, x):
+    """q, k, v of ``attn`` for tokens ``x`` (B, N, C): each (B, heads, N, head_dim)."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def merge_heads(attn, out):
+    """(B, heads, N, head_dim) -> the output projection of the concatenated heads (B, N, C)."""
+    B, _, N, _ = out.shape
+    return attn.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
 def attention(block, x, key_bias=None):
     """The attention branch on the residual stream ``x`` (B, N, C), explicit softmax(q·kᵀ/√d + key_bias)·v.
 
