@@ -110,11 +110,7 @@ def run(args, dist: DistInfo) -> int:
         if changes:
             print(f"resume: the command line changes {', '.join(changes)}; the schedule follows the new values")
     start_epoch = max(args.start_epoch, state.epoch + 1)
-    num_updates = start_epoch * builders.updates_per_epoch(args, steps_per_epoch)
-    if start_epoch > 0 and args.sched_on_updates:   # as timm's train.py: this run's schedule, at the epoch reached
-        opt.lr_scheduler.step_update(num_updates)
-    elif start_epoch > 0:
-        opt.lr_scheduler.step(start_epoch)
+    num_updates = builders.resume_schedule(opt, args, start_epoch, steps_per_epoch)
     if args.output_dir and utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         utils.truncate_log(os.path.join(args.output_dir, 'log.txt'), start_epoch - 1)

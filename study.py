@@ -34,6 +34,7 @@ from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
+from timm.utils import random_seed
 
 import engine
 from engine import LoopOptions, evaluate, resolve_amp, train_one_epoch
@@ -229,6 +230,13 @@ def evaluate_row(model, entry: dict, ctx) -> dict:
     return stats
 
 
+def seed_row(seed: int, rank: int, epoch: Optional[int] = None) -> None:
+    """Seed the random draws of one row (ACT and SMYRF hashes, ATS sampling, shuffling, drop path) so that a row
+    measures the same whatever rows ran before it and whether or not it was resumed: evaluations from ``seed``,
+    fine-tuning epoch ``e`` from ``seed + 1000 (e + 1)`` (main.py's rule when it re-seeds a resumed run)."""
+    random_seed(seed if epoch is None else seed + 1000 * (epoch + 1), rank)
+
+
 def row_folder(output_dir: str, entry: dict, key: str) -> str:
     """``D/finetune/<name>-<hash of the row key>``: one folder per row and setting."""
     slug = re.sub(r'[^A-Za-z0-9._=-]+', '-', entry['name']).strip('-')[:60]
@@ -246,8 +254,8 @@ def finetune_row(model, entry: dict, key: str, settings: dict, ctx) -> dict:
     if utils.is_main_process():
         os.makedirs(folder, exist_ok=True)
     train_model = builders.wrap_for_training(model, args, ctx.dist)
-    opt = builders.build_optimization(args, model, builders.steps_per_epoch(ctx.loader_train, args),
-                                      ctx.dist.world_size, ctx.device, ctx.amp_dtype)
+    steps = builders.steps_per_epoch(ctx.loader_train, args)
+    opt = builders.build_optimization(args, model, steps, ctx.dist.world_size, ctx.device, ctx.amp_dtype)
     criterion = builders.build_criterion(args, None, None)
     loop = LoopOptions(ctx.device, ctx.amp_dtype, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch)
     start_epoch, seconds, images = 0, 0.0, 0.0
@@ -260,12 +268,15 @@ def finetune_row(model, entry: dict, key: str, settings: dict, ctx) -> dict:
             start_epoch, seconds, images = state['epoch'] + 1, state['seconds'], state['images']
             print(f"  resuming the fine-tuning of '{entry['name']}' at epoch {start_epoch} of {args.epochs} "
                   f"from {path}", flush=True)
+    num_updates = builders.resume_schedule(opt, args, start_epoch, steps)
     log_path = os.path.join(folder, 'finetune.log') if utils.is_main_process() else None
     with progress_to(log_path, ctx.study.verbose):
         for epoch in range(start_epoch, args.epochs):
             if hasattr(ctx.loader_train.sampler, 'set_epoch'):
                 ctx.loader_train.sampler.set_epoch(epoch)
-            stats, _ = train_one_epoch(train_model, criterion, ctx.loader_train, opt, loop, epoch)
+            seed_row(args.seed, ctx.dist.rank, epoch)
+            stats, num_updates = train_one_epoch(train_model, criterion, ctx.loader_train, opt, loop, epoch,
+                                                 num_updates)
             opt.lr_scheduler.step(epoch + 1)
             seconds += stats['epoch_time']
             images += stats['images_per_sec'] * stats['epoch_time']
@@ -284,6 +295,7 @@ def measure_row(base_model, entry: dict, full_spec, key: str, ctx) -> dict:
     models.apply_token_reduction(model, entry['spec'])
     acc = dict(acc1=None, acc5=None, loss=None, n_samples=0)
     if ctx.loader_val is not None:
+        seed_row(ctx.args.seed, ctx.dist.rank)
         acc = evaluate_row(model, entry, ctx)
     row = dict(key=key, backbone=ctx.args.model, input_size=ctx.args.input_size, name=entry['name'],
                named=entry.get('named', False), spec=entry['spec'], full_spec=full_spec,
@@ -314,6 +326,7 @@ def measure_row(base_model, entry: dict, full_spec, key: str, ctx) -> dict:
             record = finetune_row(model, entry, key, settings, ctx)
         except engine.NonFiniteLossError as e:
             raise UserError(f'fine-tuning {row_label(entry)}: {e}') from None
+        seed_row(ctx.args.seed, ctx.dist.rank)
         tuned = evaluate_row(model, entry, ctx)
         row['finetune'] = dict(record, acc1=tuned['acc1'], acc5=tuned['acc5'])
     return row

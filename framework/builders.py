@@ -224,6 +224,18 @@ def updates_per_epoch(args, steps_per_epoch: int) -> int:
     return (steps_per_epoch + args.accum_steps - 1) // args.accum_steps
 
 
+def resume_schedule(opt: Optimization, args, start_epoch: int, steps_per_epoch: int) -> int:
+    """Put the lr of a run that starts at ``start_epoch`` where this run's schedule has it (as timm's train.py
+    does; a restored optimizer keeps this run's base lr, so without this a resumed epoch would train at it).
+    Returns the optimizer updates before ``start_epoch``, which the training loop counts on from."""
+    num_updates = start_epoch * updates_per_epoch(args, steps_per_epoch)
+    if start_epoch > 0 and args.sched_on_updates:
+        opt.lr_scheduler.step_update(num_updates)
+    elif start_epoch > 0:
+        opt.lr_scheduler.step(start_epoch)
+    return num_updates
+
+
 def steps_per_epoch(loader, args) -> int:
     """Batches one epoch runs: the loader's length, capped by ``--max-steps-per-epoch``."""
     return min(args.max_steps_per_epoch, len(loader)) if args.max_steps_per_epoch else len(loader)

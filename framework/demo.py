@@ -64,7 +64,8 @@ def train_demo(args, device: torch.device, path: str, verbose: bool = False) -> 
     loader_train = builders.build_train_loader(dataset_train, args, dist)
     loader_val = builders.build_val_loader(dataset_val, args, dist)
     model = builders.build_model(args, num_classes, plain=True).to(device)
-    opt = builders.build_optimization(args, model, builders.steps_per_epoch(loader_train, args), 1, device, None)
+    steps = builders.steps_per_epoch(loader_train, args)
+    opt = builders.build_optimization(args, model, steps, 1, device, None)
     criterion = builders.build_criterion(args, None, None)
     loop = LoopOptions(device, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch)
     start_epoch = 0
@@ -76,6 +77,7 @@ def train_demo(args, device: torch.device, path: str, verbose: bool = False) -> 
             opt.lr_scheduler.load_state_dict(state['lr_scheduler'])
             utils.set_rng_state(state['rng'])
             start_epoch = state['epoch'] + 1
+    num_updates = builders.resume_schedule(opt, args, start_epoch, steps)
     where = 'the terminal' if verbose else log_path
     if start_epoch:
         print(f'resuming the demo backbone\'s training at epoch {start_epoch} of {args.epochs} from {state_path} '
@@ -88,7 +90,7 @@ def train_demo(args, device: torch.device, path: str, verbose: bool = False) -> 
     with open(log_path, 'a', encoding='utf-8') as log, \
             (contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log)):
         for epoch in range(start_epoch, args.epochs):
-            stats, _ = train_one_epoch(model, criterion, loader_train, opt, loop, epoch)
+            stats, num_updates = train_one_epoch(model, criterion, loader_train, opt, loop, epoch, num_updates)
             opt.lr_scheduler.step(epoch + 1)
             utils.save_on_master({'model': model.state_dict(), 'optimizer': opt.optimizer.state_dict(),
                                   'lr_scheduler': opt.lr_scheduler.state_dict(), 'epoch': epoch,

@@ -26,6 +26,7 @@ FAST = ['--warmup', '0', '--iters', '1', '--batch-size', '2', '--threads', '1']
 FAKE = ['--data-set', 'FAKE', '--fake-val-size', '8', '--fake-train-size', '16', '--fake-num-classes', '10']
 TOME = {'method': 'tome', 'r': 2}
 HOURGLASS = {'method': 'hourglass', 'location': 1, 'num_clusters': 4}
+SMYRF = {'method': 'smyrf', 'location': 1, 'n_hashes': 2, 'q_cluster_size': 4, 'k_cluster_size': 4}   # unseeded
 
 
 @pytest.fixture
@@ -95,6 +96,35 @@ def test_finetune_rows_record_and_checkpoints(config, weights, tmp_path):
     assert rs.read_results(str(out / rs.RESULTS_FILE)) == rows
 
 
+def finetuned_weights(row: dict) -> dict:
+    return torch.load(row['finetune']['checkpoint'], map_location='cpu', weights_only=True)['model']
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_row_measures_the_same_whatever_ran_before_it(config, weights, tmp_path):
+    """SMYRF without a seed draws its hashes from the global RNG, and fine-tuning shuffles and drops paths: the
+    study seeds every row, so the row alone and the row after another fine-tuned row give the same top-1 and
+    bit-identical fine-tuned weights."""
+    results = {}
+    for name, items in (('alone', [SMYRF]), ('after', [TOME, SMYRF])):
+        out = tmp_path / name
+        proc = run_script(study_cmd(config, write_sweep(tmp_path, items, f'{name}.json'), out, '--checkpoint',
+                                    weights, '--finetune-epochs', '2', '--fake-train-size', '32'), script='study.py')
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[name] = rs.read_results(str(out / rs.RESULTS_FILE))[-1]
+    alone, after = results['alone'], results['after']
+    assert alone['method'] == after['method'] == 'smyrf'
+    assert (alone['acc1'], alone['acc5']) == (after['acc1'], after['acc5'])
+    assert (alone['finetune']['acc1'], alone['finetune']['acc5']) == (after['finetune']['acc1'],
+                                                                      after['finetune']['acc5'])
+    assert_same_weights(finetuned_weights(alone), finetuned_weights(after))
+
+
 def test_finetune_killed_resumes_inside_the_row(config, weights, tmp_path):
     """Killed after the first epoch checkpoint of a row appears, the same command resumes that row's fine-tuning
     from the epoch after the saved one and finishes it."""
@@ -131,6 +161,13 @@ def test_finetune_killed_resumes_inside_the_row(config, weights, tmp_path):
     assert torch.load(checkpoint, map_location='cpu', weights_only=True)['epoch'] == epochs - 1
     log_text = (checkpoint.parent / 'finetune.log').read_text()
     assert log_text.count(f'Epoch: [{saved + 1}]') >= 1 and log_text.count('Epoch: [0] Total') == 1
+    # the resumed row ends with the weights of a run that was never killed
+    whole = tmp_path / 'whole'
+    proc = subprocess.run([*cmd[:cmd.index('--output-dir') + 1], str(whole), *cmd[cmd.index('--output-dir') + 2:]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    uninterrupted = rs.read_results(str(whole / rs.RESULTS_FILE))[1]
+    assert_same_weights(finetuned_weights(rows[1]), finetuned_weights(uninterrupted))
 
 
 def test_other_checkpoint_sets_rows_aside_and_repeats_measured_once(config, weights, tmp_path):
