@@ -57,11 +57,12 @@ def merged_positions(kept_even: torch.Tensor, merged_even: torch.Tensor, odd_mat
 
 def merge_weighted_average(x: torch.Tensor, size: torch.Tensor, r: int, metric: torch.Tensor):
     """Merge r tokens of ``x`` (B, N, C) with sizes ``size`` (B, N, 1): size-weighted average of each merged group,
-    sizes summed. Returns the merged (x, size)."""
+    sizes summed. Returns the merged (x, size). The size rides along as one more channel, so one gather/scatter
+    moves both (half the small kernels of merging them apart; the step is launch-bound on GPUs at DeiT-S size)."""
     kept_even, merged_even, odd_match = bipartite_soft_matching(metric, r)
-    x = merge_tokens(x * size, kept_even, merged_even, odd_match)
-    size = merge_tokens(size, kept_even, merged_even, odd_match)
-    return x / size, size
+    merged = merge_tokens(torch.cat([x * size, size], dim=-1), kept_even, merged_even, odd_match)
+    size = merged[..., -1:].detach()   # counts of original tokens: no gradient, as when merged on their own
+    return merged[..., :-1] / size, size
 
 
 def _r_param() -> Param:
