@@ -3,13 +3,15 @@
 A *convention* is data: a complete op-handle table for fvcore's JIT tracer (op name -> handle that returns the op's
 count, or ``None`` for an op that is known and not counted), a description, and optionally the twin model the
 convention counts instead of the one given. Adding a convention is adding one entry to :data:`CONVENTIONS` (plus its
-handle functions). Every count is of one image (batch 1) in eval mode on a seeded input, so two runs give the same
-number even for models whose graph depends on the input.
+handle functions). Every count is of one image (batch 1) in eval mode on a seeded input, with the global random
+generator seeded for the trace (the caller's stream is restored afterwards), so two runs give the same number even for
+models whose graph depends on the input or on random draws (ACT's and SMYRF's hash projections).
 
 This module knows nothing of configs, data sets or published numbers (``flops.py`` and ``data/published.json`` do).
 Any op left without a handle whose name looks like a matmul stops the count with :class:`UncountedOpError`: a MAC
 count missing a matmul would be silently too low.
 """
+import contextlib
 import math
 import re
 import warnings
@@ -195,6 +197,16 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device('cpu')
 
 
+@contextlib.contextmanager
+def _seeded_global_rng(device: torch.device, seed: int):
+    """Run a trace with the global generators (CPU, and ``device``'s when it is not the CPU) seeded with ``seed``;
+    the caller's random streams are restored on exit."""
+    accelerators = [] if device.type == 'cpu' else [device]
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else None):
+        torch.manual_seed(seed)
+        yield
+
+
 def analyze(model: nn.Module, input_size: InputSize, convention: str = 'fvcore', seed: int = 0,
             image: Optional[torch.Tensor] = None) -> FlopCountAnalysis:
     """Trace ``model`` (eval mode, batch 1, no grad, seeded input) under ``convention``'s op table and return fvcore's
@@ -203,10 +215,11 @@ def analyze(model: nn.Module, input_size: InputSize, convention: str = 'fvcore',
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        device = _device_of(model)
+        with torch.no_grad(), warnings.catch_warnings(), _seeded_global_rng(device, seed):
             warnings.simplefilter('ignore')
             if image is None:
-                image = example_input(input_size, _device_of(model), seed)
+                image = example_input(input_size, device, seed)
             analysis = FlopCountAnalysis(model, image)
             analysis.clear_op_handles()
             analysis.set_op_handle(**table)
@@ -286,8 +299,9 @@ def block_shapes(model: nn.Module, input_size: InputSize, seed: int = 0) -> List
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(example_input(input_size, _device_of(model), seed))
+        device = _device_of(model)
+        with torch.no_grad(), _seeded_global_rng(device, seed):
+            model(example_input(input_size, device, seed))
     finally:
         model.train(was_training)
         for h in hooks:

@@ -159,3 +159,17 @@ def test_expedit_convention_is_labelled_gflops(capsys):
     assert flops.main(['--all', '--config-dir', 'config', '--source', 'nobody']) == 2
     assert capsys.readouterr().err.strip() == ("error: --source 'nobody' has no published rows; use one of "
                                                "expedit-swag, hivit, hvt, pit")
+
+
+def test_count_of_a_method_drawing_from_the_global_generator_is_reproducible():
+    """ACT without a seed draws its hash projections from the global generator: the trace seeds it, so the count
+    is the same whatever state the caller left it in, and the caller's stream is not advanced by counting."""
+    model = tiny_vit(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2).eval()
+    apply_token_reduction(model, {'method': 'act', 'q_hashes': 4})
+    counts = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        before = torch.get_rng_state()
+        counts.append(counting.count_macs(model, 64, 'expedit')[0])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert counts[0] == counts[1]
