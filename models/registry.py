@@ -5,11 +5,13 @@ constructor arguments of the chosen model (``model_arg_names``).
 """
 import difflib
 import inspect
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, List, Optional, Type
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model as timm_register_model
+
+from .token_reduction import apply_token_reduction
 
 _ENTRYPOINTS: Dict[str, Callable[..., nn.Module]] = {}
 _CLASSES: Dict[str, Type[nn.Module]] = {}
@@ -90,10 +92,12 @@ def model_arg_names(name: str) -> List[str]:
     return [p for p in params if p not in ('self', 'kwargs', 'args')]
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, token_reduction: Optional[dict] = None, **kwargs) -> nn.Module:
     """Build a registered model. Keyword arguments go to the model's constructor (None values are dropped).
 
-    Token reduction is applied to the built model afterwards (``models.apply_token_reduction(model, spec)``)."""
+    ``token_reduction``: a spec (``{'method': 'tome', 'r': 8}``, see ``models.token_reduction``) applied to the built
+    model with ``apply_token_reduction``, exactly as applying it afterwards; None for the plain model. A bad spec, or
+    one given to a model that takes none, raises ``ValueError`` naming the parameter."""
     _check_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     accepted = set(model_arg_names(name))
@@ -101,4 +105,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if unknown:
         raise ValueError(f"model '{name}' does not take {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    return _ENTRYPOINTS[name](**kwargs)
+    model = _ENTRYPOINTS[name](**kwargs)
+    if token_reduction is not None:
+        apply_token_reduction(model, token_reduction)
+    return model

@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 
+import models
 from models import apply_token_reduction
 from models.token_reduction import METHODS
 from vit_reference import tiny_vit
@@ -38,6 +39,26 @@ def reduced_vit(method):
 
 def test_every_registered_method_has_an_example_spec():
     assert sorted(EXAMPLE_SPECS) == sorted(METHODS), 'give every registered method an example spec here'
+
+
+@pytest.mark.parametrize('method', sorted(METHODS))
+def test_create_model_takes_the_spec(method):
+    """``create_model(name, token_reduction=spec)`` is the registered model with the spec applied: the same method,
+    the same logits as applying it afterwards to the same weights."""
+    kwargs = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    built = models.create_model('deit_tiny', token_reduction=EXAMPLE_SPECS[method], **kwargs).eval()
+    applied = apply_token_reduction(models.create_model('deit_tiny', **kwargs), EXAMPLE_SPECS[method]).eval()
+    applied.load_state_dict(built.state_dict())
+    assert built.token_reduction.spec() == applied.token_reduction.spec()
+    with torch.no_grad():
+        torch.testing.assert_close(built(images()), applied(images()))
+
+
+def test_create_model_rejects_a_bad_spec_or_a_model_without_token_reduction():
+    with pytest.raises(ValueError, match="unknown parameter"):
+        models.create_model('deit_tiny', token_reduction={'method': 'tome', 'r': 8, 'rr': 1})
+    with pytest.raises(ValueError, match="needs a ViT with the token-reduction hooks"):
+        models.create_model('hvt_ti_1', token_reduction={'method': 'tome', 'r': 8})
 
 
 @pytest.mark.parametrize('method', sorted(METHODS))

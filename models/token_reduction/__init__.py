@@ -2,7 +2,7 @@
 NeurIPS 2022) ported to SWAG ViTs, behind one interface.
 
     from models import create_model, apply_token_reduction
-    m = apply_token_reduction(create_model('swag_vit_l16', img_size=224), {'method': 'tome', 'r': 8})
+    m = create_model('swag_vit_l16', img_size=224, token_reduction={'method': 'tome', 'r': 8})
     apply_token_reduction(m, {'method': 'evit', 'keep_rate': 0.7})   # replaces the method
     apply_token_reduction(m, None)                                   # the plain model again
 
