@@ -52,9 +52,11 @@ def build_model(args, num_classes: Optional[int] = None, model_name: Optional[st
     if num_classes is None:
         num_classes = datasets.num_classes_of(args)
     try:
-        return models.create_model(name, token_reduction=None if plain else args.token_reduction,
-                                   num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                                   img_size=args.input_size, **args.model_kwargs)
+        model = models.create_model(name, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                                    img_size=args.input_size, **args.model_kwargs)
+        if not plain and args.token_reduction is not None:
+            models.apply_token_reduction(model, args.token_reduction)
+        return model
     except (ValueError, TypeError) as e:
         raise UserError(f"cannot build model '{name}': {e}") from None
 
