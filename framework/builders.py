@@ -52,11 +52,9 @@ def build_model(args, num_classes: Optional[int] = None, model_name: Optional[st
     if num_classes is None:
         num_classes = datasets.num_classes_of(args)
     try:
-        model = models.create_model(name, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                                    img_size=args.input_size, **args.model_kwargs)
-        if not plain and args.token_reduction is not None:
-            models.apply_token_reduction(model, args.token_reduction)
-        return model
+        return models.create_model(name, token_reduction=None if plain else args.token_reduction,
+                                   num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                                   img_size=args.input_size, **args.model_kwargs)
     except (ValueError, TypeError) as e:
         raise UserError(f"cannot build model '{name}': {e}") from None
 

@@ -154,13 +154,13 @@ def test_vs_plain_times_the_model_without_token_reduction(tmp_path, monkeypatch,
     """--vs plain builds the config's model a second time without its token reduction (the reductions applied are
     recorded here) and reports the ratio."""
     specs = []
-    real = models.apply_token_reduction
+    real = models.registry.apply_token_reduction
 
     def apply_token_reduction(model, spec):
         specs.append(spec)
         return real(model, spec)
 
-    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
+    monkeypatch.setattr(models.registry, 'apply_token_reduction', apply_token_reduction)   # what create_model calls
     spec = {'method': 'tome', 'r': 1}
     code = benchmark.main(['--config', 'config/deit-ti.json', '--input-size', '64', '--token-reduction',
                            json.dumps(spec), '--vs', 'plain', *TINY_RUN])

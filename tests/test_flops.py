@@ -417,7 +417,7 @@ def test_a_published_model_row_is_counted_by_all(tmp_path, capsys):
 
 
 def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeypatch):
-    """--token-reduction reaches models.apply_token_reduction, is reported, and selects the published row of that
+    """--token-reduction reaches apply_token_reduction (through create_model), is reported, and selects the published row of that
     setting. (The reduction itself is stubbed: the plain model is built and the spec recorded.)"""
     specs = []
 
@@ -425,7 +425,7 @@ def test_token_reduction_setting_is_passed_and_matched(tmp_path, capsys, monkeyp
         specs.append(spec)
         return model
 
-    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
+    monkeypatch.setattr(models.registry, 'apply_token_reduction', apply_token_reduction)
     spec = {'method': 'tome', 'r': 2}
     data = _data_file(tmp_path, [_model_row(token_reduction=spec, gmacs='0.0274', convention='ptflops'),
                                  _model_row(gmacs='9.9')])

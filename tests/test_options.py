@@ -175,27 +175,22 @@ def test_token_reduction_config_value_must_be_an_object(tmp_path):
         options.parse_args(['--config', write(tmp_path, {'token_reduction': 'tome'})])
 
 
-def test_builders_create_the_model_then_apply_its_token_reduction(monkeypatch):
+def test_builders_pass_the_token_reduction_to_create_model(monkeypatch):
     from framework import builders
     calls = []
 
-    def create_model(name, **kwargs):
-        calls.append(('create', name, kwargs['img_size'], kwargs['num_classes']))
+    def create_model(name, token_reduction=None, **kwargs):
+        calls.append((name, kwargs['img_size'], kwargs['num_classes'], token_reduction))
+        if token_reduction and token_reduction.get('r', 0) > 100:
+            raise ValueError("tome: r must be < 197 tokens, got 500")
         return 'model'
 
-    def apply_token_reduction(model, spec):
-        calls.append(('apply', model, spec))
-        if spec.get('r', 0) > 100:
-            raise ValueError("tome: r must be < 197 tokens, got 500")
-        return model
-
     monkeypatch.setattr(models, 'create_model', create_model)
-    monkeypatch.setattr(models, 'apply_token_reduction', apply_token_reduction)
     spec = {'method': 'tome', 'r': 8}
     args = options.parse_args(['--model', 'deit_tiny', '--token-reduction', json.dumps(spec), '--data-set', 'CIFAR'])
     assert builders.build_model(args) == 'model'
     builders.build_model(args, num_classes=7, plain=True)
-    assert calls == [('create', 'deit_tiny', 224, 100), ('apply', 'model', spec), ('create', 'deit_tiny', 224, 7)]
+    assert calls == [('deit_tiny', 224, 100, spec), ('deit_tiny', 224, 7, None)]   # plain: no spec
     args.token_reduction = {'method': 'tome', 'r': 500}
     with pytest.raises(UserError, match=r"cannot build model 'deit_tiny': tome: r must be < 197"):
         builders.build_model(args)
